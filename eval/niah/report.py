@@ -1,0 +1,171 @@
+"""NIAH outputs: ``results.json``, ``summary.md``, depth x length heatmaps (gkamradt's layout) and
+accuracy-vs-length plots. Scores are RULER ``string_match_all`` x100, averaged over non-skipped records."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from eval.common import run_metadata, write_results
+
+log = logging.getLogger(__name__)
+GK_COLORS = ["#F0496E", "#EBB839", "#0CD79F"]  # gkamradt's red -> yellow -> green
+
+
+def _mean(xs: Iterable[float]) -> float | None:
+    xs = list(xs)
+    return round(100.0 * sum(xs) / len(xs), 2) if xs else None
+
+
+def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Nested means: ``scores[system][task][length]``, ``inside_outside[system][task]``, ``heat[...]``."""
+    by_stl: dict[tuple, list[float]] = defaultdict(list)
+    by_io: dict[tuple, list[float]] = defaultdict(list)
+    by_heat: dict[tuple, list[float]] = defaultdict(list)
+    lat: dict[str, list[float]] = defaultdict(list)
+    for r in records:
+        if r.get("score") is None:
+            continue
+        s, t, n = r["system"], r["task"], r["length"]
+        by_stl[(s, t, n)].append(r["score"])
+        by_io[(s, t, "inside" if r["inside_window"] else "outside")].append(r["score"])
+        by_heat[(s, t, r["depth"], n)].append(r["score"])
+        lat[s].append(r["latency_s"])
+    scores: dict[str, Any] = defaultdict(lambda: defaultdict(dict))
+    for (s, t, n), v in sorted(by_stl.items()):
+        scores[s][t][str(n)] = _mean(v)
+    io: dict[str, Any] = defaultdict(lambda: defaultdict(dict))
+    for (s, t, k), v in sorted(by_io.items()):
+        io[s][t][k] = {"score": _mean(v), "n": len(v)}
+    heat: dict[str, Any] = defaultdict(lambda: defaultdict(dict))
+    for (s, t, d, n), v in sorted(by_heat.items()):
+        heat[s][t].setdefault(f"{d:g}", {})[str(n)] = _mean(v)
+    latency = {s: round(sum(v) / len(v), 4) for s, v in lat.items()}
+    return {"scores": _plain(scores), "inside_outside": _plain(io), "heatmap": _plain(heat), "mean_latency_s": latency}
+
+
+def _plain(d: Any) -> Any:
+    return {k: _plain(v) for k, v in d.items()} if isinstance(d, dict) else d
+
+
+def summary_md(agg: dict[str, Any], meta: dict[str, Any]) -> str:
+    """Markdown: system x task x length table, inside/outside-window split, latency."""
+    scores = agg["scores"]
+    lengths = sorted({int(n) for s in scores.values() for t in s.values() for n in t})
+    lines = [
+        "# NIAH results",
+        "",
+        f"git `{meta['git_sha']}` · device `{meta['device'].get('gpu', meta['device'].get('device'))}` · "
+        f"seed {meta['seed']} · {meta['timestamp']}",
+        "",
+        "Score = RULER string_match_all x100 (mean over samples and depths). `-` = not run / skipped.",
+        "",
+        "| system | task | " + " | ".join(str(n) for n in lengths) + " |",
+        "|---|---|" + "---:|" * len(lengths),
+    ]
+    for s, tasks in scores.items():
+        for t, row in tasks.items():
+            cells = [_fmt(row.get(str(n))) for n in lengths]
+            lines.append(f"| {s} | {t} | " + " | ".join(cells) + " |")
+    lines += ["", "## Needle inside vs outside the attention window", ""]
+    lines += ["| system | task | inside | outside |", "|---|---|---:|---:|"]
+    for s, tasks in agg["inside_outside"].items():
+        for t, io in tasks.items():
+            cells = [f"{_fmt(io[k]['score'])} (n={io[k]['n']})" if k in io else "-" for k in ("inside", "outside")]
+            lines.append(f"| {s} | {t} | " + " | ".join(cells) + " |")
+    lines += ["", "## Mean latency per prediction (s)", "", "| system | latency |", "|---|---:|"]
+    lines += [f"| {s} | {v} |" for s, v in agg["mean_latency_s"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.1f}"
+
+
+def plot_heatmap(cells: dict[str, dict[str, float | None]], title: str, path: Path) -> None:
+    """gkamradt layout: rows = depth percent (0 on top), columns = context length, red->green over 0..100."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.colors import LinearSegmentedColormap
+
+    depths = sorted(cells, key=float)
+    lengths = sorted({int(n) for row in cells.values() for n in row})
+    grid = np.full((len(depths), len(lengths)), np.nan)  # (D, L)
+    for i, d in enumerate(depths):
+        for j, n in enumerate(lengths):
+            v = cells[d].get(str(n))
+            grid[i, j] = np.nan if v is None else v
+    cmap = LinearSegmentedColormap.from_list("gk", GK_COLORS)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.0 + 0.45 * len(depths)))
+    im = ax.imshow(grid, cmap=cmap, vmin=0, vmax=100, aspect="auto")
+    for i in range(len(depths)):
+        for j in range(len(lengths)):
+            if not np.isnan(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.0f}", ha="center", va="center", fontsize=7)
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], rotation=45)
+    ax.set_yticks(range(len(depths)), [f"{float(d):g}" for d in depths])
+    ax.set_xlabel("Token Limit")
+    ax.set_ylabel("Depth Percent")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, label="Score")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_lengths(task: str, scores: dict[str, dict[str, Any]], path: Path) -> None:
+    """Accuracy vs context length for one task, one line per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for s, tasks in scores.items():
+        row = tasks.get(task)
+        if not row:
+            continue
+        pts = sorted((int(n), v) for n, v in row.items() if v is not None)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=s)
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(-5, 105)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("string_match_all")
+    ax.set_title(task)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(
+    out: Path, records: list[dict[str, Any]], config: dict[str, Any], seed: int, data: dict[str, Any]
+) -> dict[str, Any]:
+    """Write results.json, summary.md, heatmap_<system>_<task>.png and length_<task>.png under ``out``."""
+    out = Path(out)
+    agg = aggregate(records)
+    meta = run_metadata(config, seed)
+    plots = []
+    for s, tasks in agg["heatmap"].items():
+        for t, cells in tasks.items():
+            p = out / f"heatmap_{s}_{t}.png"
+            plot_heatmap(cells, f"{s} · {t}", p)
+            plots.append(p.name)
+    for t in sorted({t for tasks in agg["scores"].values() for t in tasks}):
+        p = out / f"length_{t}.png"
+        plot_lengths(t, agg["scores"], p)
+        plots.append(p.name)
+    skipped = sum(1 for r in records if r.get("skipped"))
+    payload = meta | {"data": data, "n_records": len(records), "n_skipped": skipped, "plots": plots} | agg
+    write_results("results.json", payload, out)
+    (out / "summary.md").write_text(summary_md(agg, meta), encoding="utf-8")
+    log.info("NIAH report in %s (%d records, %d plots)", out, len(records), len(plots))
+    return payload

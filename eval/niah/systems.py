@@ -1,0 +1,219 @@
+"""Systems under test. Each gets a fresh state for every sample (no TTT state, index or store is reused).
+
+* ``ttt``   the TTT-E2E model reads the whole prompt (one prefill, TTT on), then decodes greedily.
+* ``swa``   the same checkpoint with the inner learning rate set to 0: fast weights stay W0 (plain SWA).
+* ``full``  the full-attention control: ``--full-model DIR`` when given, else the same weights with
+            ``window=None`` and no TTT update; skipped where the prompt is longer than ``max_full_len``.
+* ``retrieval`` BM25 + dense (RRF) top-k chunks of the haystack replace it in the prompt; the model reads that.
+* ``bm25`` / ``dense`` recall@k only: the score is string_match_all of the references against the top-k text.
+* ``regex`` the value-pattern baseline (7 digits / UUID), capped at the number of requested answers.
+* ``hybrid`` / ``fused`` ``HybridRAG`` over a fresh store with ``route="auto"`` / ``route="fused"``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from eval.niah.scoring import postprocess_pred
+from eval.niah.tasks import TASKS, Sample
+
+log = logging.getLogger(__name__)
+
+SYSTEMS = ("ttt", "swa", "full", "retrieval", "bm25", "dense", "regex", "hybrid", "fused")
+GENERATIVE = ("ttt", "swa", "full", "retrieval", "hybrid", "fused")
+
+
+@dataclass(kw_only=True)
+class Prediction:
+    text: str
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(kw_only=True)
+class SystemsConfig:
+    """What every system shares. ``model_dir=None`` = a randomly initialised ``debug`` model (smoke runs)."""
+
+    model_dir: str | None = None
+    full_model_dir: str | None = None  # a separately trained full-attention checkpoint for ``full``
+    device: str = "cpu"
+    dtype: str = "float32"  # float32 | bfloat16
+    max_new_tokens: int = 128  # RULER's NIAH budget; identical for every generative system
+    top_k: int = 5  # retrieved chunks (retrieval, bm25, dense, hybrid)
+    max_full_len: int | None = None  # ``full`` runs only up to this prompt length (None = always)
+    seed: int = 0  # init seed of the random debug model
+
+
+class LMRunner:
+    """Owns the model(s) and tokenizer; ``generate(prompt_text)`` decodes greedily from a fresh state."""
+
+    def __init__(self, cfg: SystemsConfig) -> None:
+        import torch
+
+        from ttt import ModelConfig, TTTModel
+        from ttt.tokenizer import Tokenizer
+
+        self.cfg, self._torch = cfg, torch
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+        if cfg.model_dir is None:
+            torch.manual_seed(cfg.seed)
+            self.tokenizer = Tokenizer.byte_level()
+            base = TTTModel(ModelConfig.from_name("debug", bos_id=self.tokenizer.bos_id))
+        else:
+            self.tokenizer = Tokenizer.from_pretrained(cfg.model_dir)
+            base = TTTModel.from_pretrained(cfg.model_dir, device="cpu")
+        self.model_cfg = base.cfg
+        self.models: dict[str, Any] = {"ttt": base.to(device=cfg.device, dtype=dtype).eval()}
+        self._dtype = dtype
+        self._base_state = base.state_dict()
+
+    def variant(self, name: str) -> Any:
+        """``ttt`` / ``swa`` (ttt_lr=0) / ``full`` (window=None, ttt_lr=0, or ``full_model_dir``), built lazily."""
+        if name not in self.models:
+            from ttt import TTTModel
+
+            if name == "full" and self.cfg.full_model_dir:
+                m = TTTModel.from_pretrained(self.cfg.full_model_dir, device="cpu")
+            else:
+                over = {"ttt_lr": 0.0} | ({"window": None} if name == "full" else {})
+                m = TTTModel(self.model_cfg.replace(**over))
+                m.load_state_dict(self._base_state)
+            self.models[name] = m.to(device=self.cfg.device, dtype=self._dtype).eval()
+        return self.models[name]
+
+    def window(self, name: str) -> int | None:
+        return self.variant(name).cfg.window
+
+    def generate(self, text: str, name: str = "ttt") -> str:
+        torch = self._torch
+        tok = self.tokenizer
+        ids = tok.encode(text, add_bos=True)
+        x = torch.tensor([ids], dtype=torch.long, device=self.cfg.device)  # (1, T)
+        with torch.no_grad():
+            out = self.variant(name).generate(x, max_new_tokens=self.cfg.max_new_tokens, eos_id=tok.eos_id)
+        return tok.decode(out[0].tolist())
+
+
+class _IndexCache:
+    """One fresh retrieval index per sample, shared by bm25/dense/retrieval on that sample only."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._idx: Any = None
+        self._dir: str | None = None
+        self._embedder: Any = None
+
+    def get(self, s: Sample) -> Any:
+        key = (s.task, s.target_length, s.depth, s.index)
+        if key != self._key:
+            from retrieval import Index
+            from retrieval.embedder import Embedder
+
+            self.close()
+            self._embedder = self._embedder or Embedder.default()
+            self._dir = tempfile.mkdtemp(prefix="niah-idx-")
+            self._idx = Index.create(Path(self._dir) / "store", embedder=self._embedder)
+            self._idx.add([("haystack", s.context)])
+            self._key = key
+        return self._idx
+
+    def close(self) -> None:
+        if self._dir:
+            shutil.rmtree(self._dir, ignore_errors=True)
+        self._key, self._idx, self._dir = None, None, None
+
+
+def _hits_in_doc_order(hits: list[Any]) -> list[Any]:
+    return sorted(hits, key=lambda h: h.chunk.start)
+
+
+class Systems:
+    """Factory + dispatcher: ``predict(name, sample)`` -> Prediction, ``skip_reason(name, sample)``."""
+
+    def __init__(self, cfg: SystemsConfig, names: list[str]) -> None:
+        unknown = [n for n in names if n not in SYSTEMS]
+        if unknown:
+            raise ValueError(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
+        self.cfg, self.names = cfg, names
+        self._lm: LMRunner | None = None
+        self._index = _IndexCache()
+        self._hybrid_tmp: str | None = None
+
+    @property
+    def lm(self) -> LMRunner:
+        if self._lm is None:
+            self._lm = LMRunner(self.cfg)
+        return self._lm
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.lm.tokenizer
+
+    def window(self, name: str) -> int | None:
+        """Attention window of the model behind ``name`` (None = full attention / not a windowed reader)."""
+        if name in ("ttt", "swa", "full"):
+            return self.lm.window(name)
+        return None
+
+    def skip_reason(self, name: str, s: Sample) -> str | None:
+        if name == "regex" and TASKS[s.task].value_pattern is None:
+            return "no value pattern for this task"
+        if name == "full" and self.cfg.max_full_len is not None and s.n_tokens > self.cfg.max_full_len:
+            return f"prompt {s.n_tokens} > max_full_len {self.cfg.max_full_len}"
+        return None
+
+    def predict(self, name: str, s: Sample) -> Prediction:
+        fn: dict[str, Callable[[Sample], Prediction]] = {
+            "ttt": lambda s: Prediction(text=self.lm.generate(s.prompt, "ttt")),
+            "swa": lambda s: Prediction(text=self.lm.generate(s.prompt, "swa")),
+            "full": lambda s: Prediction(text=self.lm.generate(s.prompt, "full")),
+            "retrieval": self._retrieval,
+            "bm25": lambda s: self._recall(s, "bm25"),
+            "dense": lambda s: self._recall(s, "dense"),
+            "regex": self._regex,
+            "hybrid": lambda s: self._hybrid(s, "auto"),
+            "fused": lambda s: self._hybrid(s, "fused"),
+        }
+        p = fn[name](s)
+        p.text = postprocess_pred(p.text)
+        return p
+
+    def _regex(self, s: Sample) -> Prediction:
+        spec = TASKS[s.task]
+        found = re.findall(spec.value_pattern or "", s.context)
+        return Prediction(text=", ".join(found[: spec.n_answers]), extra={"n_matches": len(found)})
+
+    def _recall(self, s: Sample, mode: str) -> Prediction:
+        hits = self._index.get(s).search(s.question, k=self.cfg.top_k, mode=mode)
+        text = "\n".join(h.chunk.text for h in hits)
+        return Prediction(text=text, extra={"chunks": [h.chunk.id for h in hits]})
+
+    def _retrieval(self, s: Sample) -> Prediction:
+        hits = self._index.get(s).search(s.question, k=self.cfg.top_k, mode="hybrid")
+        retrieved = "\n".join(h.chunk.text for h in _hits_in_doc_order(hits))
+        assert s.context in s.input, "sample context not found in its input"
+        prompt = s.input.replace(s.context, retrieved, 1) + s.answer_prefix
+        return Prediction(text=self.lm.generate(prompt, "ttt"), extra={"chunks": [h.chunk.id for h in hits]})
+
+    def _hybrid(self, s: Sample, route: str) -> Prediction:
+        from hybrid import HybridRAG
+
+        if self.cfg.model_dir is None:
+            raise ValueError("systems hybrid/fused need a trained checkpoint: pass --model DIR")
+        tmp = tempfile.mkdtemp(prefix="niah-hybrid-")
+        try:
+            rag = HybridRAG.from_pretrained(self.cfg.model_dir, Path(tmp) / "store")
+            rag.ingest([("haystack", s.context)])
+            ans = rag.answer(s.question, route=route, top_k=self.cfg.top_k, max_new_tokens=self.cfg.max_new_tokens)
+            return Prediction(text=ans.text, extra={"route": ans.route})
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def close(self) -> None:
+        self._index.close()

@@ -1,0 +1,197 @@
+"""Reader: packs retrieved chunks into a prompt that fits the model, and maps an answer back to them.
+
+Prompt layout (token ids are the concatenation of the segments' encodings, so the token count is exact)::
+
+    <bos>Use the numbered sources to answer. Cite them like [1].
+    [1] <best chunk>
+    [2] <next chunk>
+    ...
+    Question: <question>
+    Answer:
+
+The budget is the model's window minus the tokens to be generated (a sliding-window model then attends
+to the whole prompt while it answers, i.e. full attention over it), capped by ``max_prompt_tokens``.
+Chunks go in rank order; the first that does not fit is cut to the tokens left (if at least
+``min_chunk_tokens``) and everything ranked below it is dropped, so the lowest-ranked text goes first.
+
+Citation mapping: explicit ``[n]`` markers in the answer cite source n; without markers, a source is
+cited when enough of the answer's content words occur in it (lexical overlap). Uncited sources are
+still returned, after the cited ones, in retrieval order.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from hybrid.errors import QuestionTooLongError
+
+_MARKER = re.compile(r"\[(\d{1,3})\]")
+_WORD = re.compile(r"\w+")
+_STOPWORDS = frozenset(
+    "a an and are as at be but by did do does for from had has have he her his i in is it its me my no not "
+    "of on or our she so that the their them there they this to was we were what when where which who why "
+    "will with you your".split()
+)
+
+
+class TextTokenizer(Protocol):
+    """What the reader needs from ``ttt.tokenizer.Tokenizer``."""
+
+    bos_id: int | None
+
+    def encode(self, text: str, add_bos: bool = False) -> list[int]: ...
+
+    def decode(self, ids: Sequence[int]) -> str: ...
+
+
+@dataclass(kw_only=True, frozen=True)
+class ReaderConfig:
+    header: str = "Use the numbered sources to answer. Cite them like [1].\n"
+    question_prefix: str = "Question: "
+    answer_prefix: str = "\nAnswer:"
+    max_prompt_tokens: int = 4096  # cap even when the window is larger (or None = full attention)
+    min_chunk_tokens: int = 8  # a cut chunk shorter than this is dropped instead
+    min_overlap_words: int = 2  # lexical citation: at least this many shared content words ...
+    min_overlap_frac: float = 0.25  # ... and at least this fraction of the answer's content words
+
+    def __post_init__(self) -> None:
+        assert self.max_prompt_tokens >= 8, f"max_prompt_tokens must be >= 8, got {self.max_prompt_tokens}"
+        assert self.min_chunk_tokens >= 1, f"min_chunk_tokens must be >= 1, got {self.min_chunk_tokens}"
+        assert 0.0 <= self.min_overlap_frac <= 1.0, f"min_overlap_frac not in [0,1]: {self.min_overlap_frac}"
+
+
+@dataclass(frozen=True)
+class Source:
+    """A chunk shown to the reader (or retrieved for the answer), with its retrieval and citation scores."""
+
+    doc_id: str
+    chunk_id: str
+    text: str  # the text as shown in the prompt (cut when the budget ran out)
+    score: float  # retrieval score (fused for hybrid search)
+    scores: dict[str, float] = field(default_factory=dict)  # per-retriever scores
+    start: int = 0  # character offsets of the chunk in its document
+    end: int = 0
+    marker: int = 0  # n of the "[n]" marker in the prompt; 0 = not in the prompt
+    cited: bool = False  # the answer cites this source (marker or overlap)
+    support: float = 0.0  # 1.0 for an explicit marker, else the fraction of answer words found here
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "doc_id": self.doc_id,
+            "chunk_id": self.chunk_id,
+            "text": self.text,
+            "score": self.score,
+            "scores": dict(self.scores),
+            "start": self.start,
+            "end": self.end,
+            "marker": self.marker,
+            "cited": self.cited,
+            "support": self.support,
+        }
+
+
+@dataclass(frozen=True)
+class Prompt:
+    ids: list[int]  # token ids fed to the model
+    sources: list[Source]  # sources in the prompt, marker 1..n in order
+    dropped: int  # retrieved chunks that did not fit at all
+    truncated: bool  # the last included source was cut
+
+
+def token_budget(window: int | None, max_new_tokens: int, cfg: ReaderConfig) -> int:
+    """Prompt tokens allowed so that prompt + answer stays inside the window (and the cap)."""
+    if window is None:
+        return cfg.max_prompt_tokens
+    return min(window - max_new_tokens, cfg.max_prompt_tokens)
+
+
+def _hit_source(hit: Any, text: str, marker: int) -> Source:
+    ch = hit.chunk
+    scores = {k: float(v) for k, v in (getattr(hit, "scores", None) or {}).items() if v is not None}
+    return Source(ch.doc_id, ch.id, text, float(hit.score), scores, ch.start, ch.end, marker)
+
+
+def build_prompt(
+    question: str,
+    hits: Sequence[Any],
+    tok: TextTokenizer,
+    *,
+    budget: int,
+    cfg: ReaderConfig | None = None,
+) -> Prompt:
+    """Token ids of header + as many ranked ``hits`` (``SearchHit``-like) as fit + question + answer prefix.
+
+    Raises ``QuestionTooLongError`` when the question alone does not fit in ``budget`` tokens.
+    """
+    cfg = cfg or ReaderConfig()
+    head = ([tok.bos_id] if tok.bos_id is not None else []) + (tok.encode(cfg.header) if hits else [])
+    tail = tok.encode(cfg.question_prefix + question.strip()) + tok.encode(cfg.answer_prefix)
+    left = budget - len(head) - len(tail)
+    if left < 0:
+        raise QuestionTooLongError(
+            f"the question takes {len(tail)} tokens with the prompt around it; the budget is {budget} tokens "
+            f"(window minus max_new_tokens): shorten the question or lower max_new_tokens"
+        )
+    body: list[int] = []
+    sources: list[Source] = []
+    truncated = False
+    for rank, hit in enumerate(hits, start=1):
+        marker = tok.encode(f"[{rank}] ")
+        text_ids = tok.encode(hit.chunk.text.strip())
+        sep = tok.encode("\n")
+        need = len(marker) + len(text_ids) + len(sep)
+        if need > left:  # cut the lowest-ranked text that still fits a useful piece, drop the rest
+            room = left - len(marker) - len(sep)
+            if room >= cfg.min_chunk_tokens:
+                text_ids = text_ids[:room]
+                body += marker + text_ids + sep
+                sources.append(_hit_source(hit, tok.decode(text_ids), rank))
+                truncated = True
+            break
+        body += marker + text_ids + sep
+        left -= need
+        sources.append(_hit_source(hit, hit.chunk.text.strip(), rank))
+    ids = head + body + tail
+    assert len(ids) <= budget, f"prompt of {len(ids)} tokens exceeds the budget {budget}"
+    return Prompt(ids, sources, len(hits) - len(sources), truncated)
+
+
+def content_words(text: str) -> set[str]:
+    """Lower-cased word tokens minus a small stopword list (used for lexical citation)."""
+    return {w for w in _WORD.findall(text.lower()) if w not in _STOPWORDS}
+
+
+def cite(answer: str, sources: Sequence[Source], cfg: ReaderConfig | None = None) -> list[Source]:
+    """Mark the sources the answer cites; cited first (markers in order of use, then by overlap).
+
+    ``sources`` must carry the prompt markers 1..n. Returns new ``Source`` objects (inputs unchanged).
+    """
+    cfg = cfg or ReaderConfig()
+    by_marker = {s.marker: s for s in sources if s.marker > 0}
+    order: list[int] = []
+    for m in _MARKER.finditer(answer):
+        n = int(m.group(1))
+        if n in by_marker and n not in order:
+            order.append(n)
+    if order:
+        cited = [_with(by_marker[n], 1.0) for n in order]
+        rest = [s for s in sources if s.marker not in order]
+        return cited + rest
+    words = content_words(answer)
+    scored: list[tuple[float, int, Source]] = []
+    for i, s in enumerate(sources):
+        shared = len(words & content_words(s.text))
+        frac = shared / len(words) if words else 0.0
+        if shared >= cfg.min_overlap_words and frac >= cfg.min_overlap_frac:
+            scored.append((frac, i, s))
+    scored.sort(key=lambda t: (-t[0], t[1]))
+    cited = [_with(s, frac) for frac, _, s in scored]
+    chosen = {id(s) for _, _, s in scored}
+    return cited + [s for s in sources if id(s) not in chosen]
+
+
+def _with(s: Source, support: float) -> Source:
+    return Source(s.doc_id, s.chunk_id, s.text, s.score, s.scores, s.start, s.end, s.marker, True, support)

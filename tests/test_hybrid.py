@@ -1,0 +1,250 @@
+"""HybridRAG end to end on a tiny random debug model + a BM25-only index (CPU, a few seconds each).
+
+Run: .venv/bin/python -m pytest -q tests/test_hybrid.py
+With a random model the generated text is noise, so the tests check what a bug would break: which chunk is
+retrieved and cited, which route runs, that the corpus memory equals a one-shot ``prefill`` of the same joined
+tokens, that stale memories are rebuilt, that requests do not leak into each other, and the errors.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from hybrid import (
+    CorruptMemoryError,
+    EmptyQuestionError,
+    InvalidDocumentsError,
+    NotIngestedError,
+    QuestionTooLongError,
+    UnknownRouteError,
+)
+from hybrid.rag import HybridConfig, HybridRAG, random_debug_model
+
+DOCS = [
+    ("harbour", "The harbour master keeps a ledger of every ship. Ships arrive at dawn and leave at dusk."),
+    ("vault", "The vault under the old mill opens with the code 7731. Only the miller knows the code."),
+    ("garden", "The walled garden grows pears and quinces. A gardener waters the pears every morning."),
+    ("orchard", "Apple trees line the orchard road. The orchard keeper sells cider at the autumn fair."),
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from ttt.tokenizer import Tokenizer
+
+    return Tokenizer.byte_level()
+
+
+@pytest.fixture(scope="module")
+def model():
+    # window 320 > prompt + answer, so the reader's prompt is attended in full; b = 16 tokens per TTT step
+    return random_debug_model(seed=0, window=320, ttt_chunk=16)
+
+
+def make_rag(store: Path, model, tok, **cfg) -> HybridRAG:
+    from retrieval import Index
+
+    index = Index.open(store) if (store / "manifest.json").exists() else Index.create(store, dense=False)
+    config = HybridConfig(search_mode="bm25", max_new_tokens=6, top_k=3, read_block_tokens=64, **cfg)
+    return HybridRAG(model, tok, index, config=config)
+
+
+def joined(tok, docs) -> list[int]:
+    ids: list[int] = []
+    for _, text in docs:
+        ids += tok.encode(text) + [tok.sep_id]
+    return ids
+
+
+def assert_state_equal(a, b) -> None:
+    assert a.pos == b.pos, f"pos {a.pos} != {b.pos}"
+    assert a.fast.keys() == b.fast.keys()
+    for k in a.fast:
+        torch.testing.assert_close(a.fast[k], b.fast[k], rtol=1e-4, atol=1e-5, msg=f"fast weight {k}")
+    for (ka, va), (kb, vb) in zip(a.kv, b.kv, strict=True):
+        torch.testing.assert_close(ka, kb, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(va, vb, rtol=1e-4, atol=1e-5)
+    assert torch.equal(a.pending_tokens, b.pending_tokens)
+
+
+def test_lookup_cites_the_planted_fact(tmp_path, model, tok):
+    rag = make_rag(tmp_path, model, tok)
+    rag.ingest(DOCS)
+    ans = rag.answer("Which code opens the vault under the old mill?", route="lookup")
+    assert ans.route == "lookup" and ans.decision.route == "lookup"
+    assert ans.sources[0].doc_id == "vault", [s.doc_id for s in ans.sources]
+    assert "7731" in ans.sources[0].text
+    assert ans.sources[0].marker >= 1, "the planted chunk must be in the reader's prompt"
+    assert ans.memory_version is None and ans.usage["prompt_tokens"] <= model.cfg.window - 6
+
+
+def test_reader_decodes_with_base_weights(tmp_path, model, tok):
+    """The lookup answer equals greedy decoding with the plain forward (W0, no TTT) over the same prompt."""
+    from hybrid.reader import build_prompt, token_budget
+
+    rag = make_rag(tmp_path, model, tok)
+    rag.ingest(DOCS)
+    q = "Who waters the pears?"
+    ans = rag.answer(q, route="lookup")
+    hits = rag.index.search(q, k=3, mode="bm25")
+    prompt = build_prompt(q, hits, tok, budget=token_budget(model.cfg.window, 6, rag.config.reader))
+    ids = torch.tensor([prompt.ids])
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = int(model(ids)[0, -1].argmax())
+            if nxt == tok.eos_id:
+                break
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+    assert ans.text == tok.decode(out)
+    assert ans.usage["completion_tokens"] == len(out)
+
+
+def test_auto_routes_lookup_and_summary(tmp_path, model, tok):
+    pytest.importorskip("sentence_transformers", reason="the shipped router needs pip install 'ttt-rag[retrieval]'")
+    rag = make_rag(tmp_path, model, tok)
+    rag.ingest(DOCS)
+    look = rag.answer('What is the exact code "7731" used for?', route="auto")
+    summ = rag.answer("Summarize the main themes of these stories in a few sentences.", route="auto")
+    assert look.route == "lookup", look.decision
+    assert summ.route == "comprehension", summ.decision
+    assert 0.0 <= look.decision.confidence <= 1.0 and look.decision.reason
+
+
+def test_incremental_ingest_equals_one_shot_prefill(tmp_path, model, tok):
+    rag = make_rag(tmp_path, model, tok)
+    r1 = rag.ingest(DOCS[:2])
+    r2 = rag.ingest(DOCS[2:])
+    ids = joined(tok, DOCS)
+    assert r1.tokens_read + r2.tokens_read == len(ids)
+    assert not r2.memory_rebuilt and r2.version == r1.version + 1
+    state, meta = rag.memory.load()
+    assert meta.doc_ids == [d for d, _ in DOCS] and meta.tokens_read == len(ids)
+    with torch.no_grad():
+        ref = model.prefill(torch.tensor([ids])).state
+    assert_state_equal(state, ref)
+    # re-ingesting an unchanged document reads nothing; a changed one forces a full re-read
+    assert rag.ingest([DOCS[0]]).tokens_read == 0
+    changed = ("vault", "The vault code was changed to 9090 last winter.")
+    rep = rag.ingest([changed])
+    assert rep.memory_rebuilt
+    state, _ = rag.memory.load()
+    with torch.no_grad():
+        ref = model.prefill(torch.tensor([joined(tok, [DOCS[0], DOCS[2], DOCS[3], changed])])).state
+    assert_state_equal(state, ref)
+
+
+def test_delete_marks_memory_stale_and_rebuilds(tmp_path, model, tok):
+    rag = make_rag(tmp_path, model, tok)
+    rag.ingest(DOCS)
+    assert rag.delete(["vault", "no-such-doc"]) == 1
+    assert rag.memory.head().stale
+    assert "vault" not in rag.documents()
+    lookup = rag.answer("Which code opens the vault?", route="lookup")  # lookup never needs the memory
+    assert all(s.doc_id != "vault" for s in lookup.sources) and not lookup.memory_rebuilt
+    ans = rag.answer("What grows in the garden?", route="comprehension")
+    assert ans.memory_rebuilt and "memory_rebuild" in ans.timings
+    assert not rag.memory.head().stale
+    state, meta = rag.memory.load()
+    rest = [d for d in DOCS if d[0] != "vault"]
+    assert meta.doc_ids == [d for d, _ in rest]
+    with torch.no_grad():
+        ref = model.prefill(torch.tensor([joined(tok, rest)])).state
+    assert_state_equal(state, ref)
+    again = rag.answer("What grows in the garden?", route="comprehension")
+    assert not again.memory_rebuilt and again.text == ans.text
+
+
+def test_reopen_uses_saved_memory(tmp_path, model, tok):
+    rag = make_rag(tmp_path, model, tok)
+    rag.ingest(DOCS)
+    first = rag.answer("Describe the orchard.", route="fused")
+    reopened = make_rag(tmp_path, model, tok)
+    second = reopened.answer("Describe the orchard.", route="fused")
+    assert not second.memory_rebuilt and second.memory_version == first.memory_version
+    assert second.text == first.text and [s.chunk_id for s in second.sources] == [s.chunk_id for s in first.sources]
+
+
+def test_concurrent_answers_match_sequential(tmp_path, model, tok):
+    rag = make_rag(tmp_path, model, tok)
+    rag.ingest(DOCS)
+    meta_before = rag.memory.head()
+    jobs = [
+        ("What is the harbour master's ledger?", "comprehension"),
+        ("Which code opens the vault?", "lookup"),
+        ("Who sells cider?", "fused"),
+        ("Tell me about the pears.", "comprehension"),
+    ]
+    seq = [rag.answer(q, route=r) for q, r in jobs]
+    got: dict[int, object] = {}
+
+    def run(i: int) -> None:
+        got[i] = rag.answer(*jobs[i][:1], route=jobs[i][1])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, ref in enumerate(seq):
+        assert got[i].text == ref.text and got[i].route == ref.route
+        assert [s.chunk_id for s in got[i].sources] == [s.chunk_id for s in ref.sources]
+    assert rag.memory.head().sha256 == meta_before.sha256, "answers must not change the stored memory"
+
+
+def test_stream_pieces_join_to_the_answer(tmp_path, model, tok):
+    rag = make_rag(tmp_path, model, tok)
+    rag.ingest(DOCS)
+    items = list(rag.answer_stream("Who keeps the ledger?", route="comprehension"))
+    final = items[-1]
+    assert "".join(items[:-1]) == final.text
+    assert final.text == rag.answer("Who keeps the ledger?", route="comprehension").text
+
+
+def test_bad_input_errors(tmp_path, model, tok):
+    rag = make_rag(tmp_path, model, tok)
+    with pytest.raises(NotIngestedError):
+        rag.answer("anything?", route="lookup")
+    with pytest.raises(InvalidDocumentsError):
+        rag.ingest([("a", "x"), ("a", "y")])
+    with pytest.raises(InvalidDocumentsError):
+        rag.ingest([("a", "   ")])
+    with pytest.raises(InvalidDocumentsError):
+        rag.delete("a")
+    assert rag.documents() == [], "failed ingests must store nothing"
+    rag.ingest(DOCS)
+    with pytest.raises(EmptyQuestionError):
+        rag.answer("   ")
+    with pytest.raises(UnknownRouteError, match="comprehension"):
+        rag.answer("hi?", route="summarize")
+    with pytest.raises(QuestionTooLongError):
+        rag.answer("why " * 200, route="lookup")
+    with pytest.raises(QuestionTooLongError):
+        rag.answer("why " * 200, route="comprehension")
+
+
+def test_corrupt_memory_is_reported_and_previous_version_loads(tmp_path, model, tok):
+    rag = make_rag(tmp_path, model, tok)
+    rag.ingest(DOCS[:2])
+    v1_state, v1 = rag.memory.load()
+    rag.ingest(DOCS[2:])
+    v2 = rag.memory.head()
+    path = rag.memory.dir / v2.file
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF  # flip bits inside the tensor data
+    path.write_bytes(bytes(data))
+    fresh = make_rag(tmp_path, model, tok)  # a new process would see the file on disk
+    with pytest.raises(CorruptMemoryError, match=rf"{v2.version}\.safetensors.*sha256"):
+        fresh.answer("What is in the garden?", route="comprehension")
+    state, meta = fresh.memory.load(v1.version)  # the previous version still loads
+    assert_state_equal(state, v1_state)
+    fresh.memory.rollback()
+    ans = fresh.answer("What is in the garden?", route="comprehension")
+    assert ans.memory_rebuilt, "a rolled-back memory lacks later documents: it must be rebuilt"
+    _, meta = fresh.memory.load()
+    assert meta.doc_ids == [d for d, _ in DOCS]

@@ -1,0 +1,84 @@
+"""Decoding with the SWA KV cache and the current fast weights; TTT continues during generation.
+
+Each generated token is fed back through ``prefill`` (one token at a time), so the streaming rule of
+``ttt/inner.py`` applies unchanged: once b inputs of a chunk and the token after them exist, the chunk's SGD
+step runs (self-training on the model's own samples, paper §2.3.2) and decoding continues with W_i.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from ttt.model import TTTModel
+from ttt.state import TTTState
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,). temperature 0 = greedy; else softmax(logits / T) truncated to top_p."""
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {temperature}, {top_p}")
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / temperature, dim=-1)  # (B, V)
+    if top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        # keep the smallest prefix whose mass reaches top_p (the first token is always kept)
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate_iter(
+    model: TTTModel,
+    prompt: torch.Tensor | None,
+    state: TTTState | None = None,
+    *,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[torch.Tensor]:
+    """Yield (B,) next tokens one step at a time. A row that emitted ``eos_id`` keeps emitting it; the loop
+    stops when every row has. ``prompt`` may be None/empty when ``state`` already read some tokens.
+    The caller's ``state`` is not modified."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if prompt is not None and prompt.numel() > 0:
+        out = model.prefill(prompt, state)
+        state, logits = out.state, out.last_logits
+    elif state is not None and state.last_logits is not None:
+        logits = state.last_logits
+    else:
+        raise ValueError("generate needs a non-empty prompt (B, T) or a state that has read tokens")
+    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    for step in range(max_new_tokens):
+        tok = sample_next(logits, temperature, top_p, generator)
+        if eos_id is not None:
+            tok = torch.where(done, torch.full_like(tok, eos_id), tok)
+            done = done | (tok == eos_id)
+        yield tok
+        if bool(done.all()) or step == max_new_tokens - 1:
+            return
+        out = model.prefill(tok[:, None], state)
+        state, logits = out.state, out.last_logits
+
+
+def generate(
+    model: TTTModel, prompt: torch.Tensor | None, state: TTTState | None = None, **kw: object
+) -> torch.Tensor:
+    """All of ``generate_iter`` stacked: (B, n_new) with n_new <= max_new_tokens."""
+    toks = list(generate_iter(model, prompt, state, **kw))  # type: ignore[arg-type]
+    if not toks:
+        B = prompt.shape[0] if prompt is not None else state.batch_size  # type: ignore[union-attr]
+        return torch.zeros(B, 0, dtype=torch.long)
+    return torch.stack(toks, dim=1)

@@ -1,0 +1,319 @@
+"""The TTT-E2E transformer (``ttt-e2e.md`` §1), leaf modules first: RMSNorm, RoPE, attention, SwiGLU,
+Block, TTTModel.
+
+Block layout (official code, ``transformer.py:187-229``), each sublayer with its own pre/post RMSNorm:
+  prefix block (first L - s):  h += post(attn(pre(h)));  h += post(mlp(pre(h)))
+  TTT block (last s):          h += post(attn(pre(h)));  h += post(prime(pre(h)));  h += post(mlp(pre(h)))
+The prime SwiGLU's w1/w2/w3 are the fast weights: ``TTTModel`` holds their meta-learned initial value W0,
+the per-sequence W_i live in a ``TTTState`` (fp32, one copy per batch row). The test-time-training logic
+(prefill, meta_loss, the per-chunk inner step) is in ``ttt/inner.py``; decoding in ``ttt/generate.py``.
+
+Dimension legend: B batch, T tokens, H query heads, Hkv key/value heads, D head_dim, d d_model, f MLP hidden.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ttt.attention import attention
+from ttt.config import ModelConfig
+from ttt.state import TTTState
+
+if TYPE_CHECKING:
+    from ttt.inner import PrefillOutput
+
+KV = tuple[torch.Tensor, torch.Tensor]
+FAST_NAMES = ("w1", "w2", "w3")
+
+
+def _up(t: torch.Tensor) -> torch.Tensor:
+    """Compute dtype of norms/RoPE/softmax: fp32 (fp64 stays fp64, for float64 reference tests)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32, cast back to the input dtype; gain initialised to 1."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = _up(x)
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (xf * _up(self.weight)).to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, start: int, theta: float, interleaved: bool) -> torch.Tensor:
+    """Rotate x (B, H, T, D) for positions start..start+T-1, in fp32.
+
+    ``interleaved`` pairs (x0, x1), (x2, x3), ... (official code); otherwise the first and second halves
+    (Hugging Face Llama's ``rotate_half``). Both equal absolute RoPE up to a fixed permutation of D.
+    """
+    T, D = x.shape[-2], x.shape[-1]
+    inv = theta ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float64) / D)
+    pos = torch.arange(start, start + T, device=x.device, dtype=torch.float64)
+    xf = _up(x)
+    ang = (pos[:, None] * inv[None, :]).to(xf.dtype)  # (T, D/2)
+    cos, sin = ang.cos(), ang.sin()
+    if interleaved:
+        x0, x1 = xf[..., 0::2], xf[..., 1::2]
+        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    else:
+        x0, x1 = xf[..., : D // 2], xf[..., D // 2 :]
+        out = torch.cat((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
+    return out.to(x.dtype)
+
+
+def _norm(cfg: ModelConfig, dim: int, enabled: bool) -> nn.Module:
+    return RMSNorm(dim, cfg.norm_eps) if enabled else nn.Identity()
+
+
+def _cat_time(cache: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
+    return new if cache.shape[2] == 0 else torch.cat((cache.to(new.dtype), new), dim=2)
+
+
+class Attention(nn.Module):
+    """Multi-head (optionally grouped-query) attention with QK-norm before RoPE and a KV cache input."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        H, Hkv, D = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wq = nn.Linear(cfg.d_model, H * D, bias=False)
+        self.wk = nn.Linear(cfg.d_model, Hkv * D, bias=False)
+        self.wv = nn.Linear(cfg.d_model, Hkv * D, bias=False)
+        self.wo = nn.Linear(H * D, cfg.d_model, bias=False)
+        self.q_norm = _norm(cfg, D, cfg.qk_norm)
+        self.k_norm = _norm(cfg, D, cfg.qk_norm)
+
+    def forward(self, x: torch.Tensor, cache: KV | None, backend: str) -> tuple[torch.Tensor, KV]:
+        """x (B, T, d), cache = pre-RoPE (k, v) of earlier tokens -> (out (B, T, d), this call's (k, v))."""
+        cfg = self.cfg
+        B, T, _ = x.shape
+        q = self.q_norm(self.wq(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2))  # (B, H, T, D)
+        k = self.k_norm(self.wk(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2))  # (B, Hkv, T, D)
+        v = self.wv(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        k_all, v_all = (k, v) if cache is None else (_cat_time(cache[0], k), _cat_time(cache[1], v))
+        n_cached = k_all.shape[2] - T
+        # positions local to the [cache ; new] buffer: RoPE depends only on offsets (official attention.py:350)
+        q = apply_rope(q, n_cached, cfg.rope_theta, cfg.rope_interleaved)
+        k_rot = apply_rope(k_all, 0, cfg.rope_theta, cfg.rope_interleaved)
+        o = attention(q, k_rot, v_all.to(q.dtype), window=cfg.window, backend=backend)  # (B, H, T, D)
+        return self.wo(o.transpose(1, 2).reshape(B, T, -1)), (k, v)
+
+
+class SwiGLU(nn.Module):
+    """w2(silu(w1 x) * w3 x), no biases."""
+
+    def __init__(self, d: int, f: int) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(d, f, bias=False)
+        self.w2 = nn.Linear(f, d, bias=False)
+        self.w3 = nn.Linear(d, f, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+def swiglu_batched(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
+    """SwiGLU with per-row weights: x (B, T, d), w1/w3 (B, f, d), w2 (B, d, f) -> (B, T, d)."""
+    h1 = x @ w["w1"].transpose(1, 2).to(x.dtype)  # (B, T, f)
+    h3 = x @ w["w3"].transpose(1, 2).to(x.dtype)  # (B, T, f)
+    return (F.silu(h1) * h3) @ w["w2"].transpose(1, 2).to(x.dtype)  # (B, T, d)
+
+
+class Block(nn.Module):
+    """Sandwich-norm transformer block; TTT blocks insert the prime (fast-weight) MLP after attention."""
+
+    def __init__(self, cfg: ModelConfig, has_prime: bool) -> None:
+        super().__init__()
+        d = cfg.d_model
+        self.attn_norm, self.attn_post = _norm(cfg, d, cfg.pre_norm), _norm(cfg, d, cfg.post_norm)
+        self.attn = Attention(cfg)
+        self.has_prime = has_prime
+        if has_prime:
+            self.prime_norm, self.prime_post = _norm(cfg, d, cfg.pre_norm), _norm(cfg, d, cfg.post_norm)
+            self.prime = SwiGLU(d, cfg.prime_hidden)
+        self.mlp_norm, self.mlp_post = _norm(cfg, d, cfg.pre_norm), _norm(cfg, d, cfg.post_norm)
+        self.mlp = SwiGLU(d, cfg.mlp_hidden)
+
+    def forward(
+        self, x: torch.Tensor, cache: KV | None, backend: str, fast: dict[str, torch.Tensor] | None = None
+    ) -> tuple[torch.Tensor, KV]:
+        """fast = per-row prime weights {w1, w2, w3} (B, ...); None = the module's own W0 (shared)."""
+        a, kv = self.attn(self.attn_norm(x), cache, backend)
+        x = x + self.attn_post(a)
+        if self.has_prime:
+            p = self.prime_norm(x)
+            x = x + self.prime_post(self.prime(p) if fast is None else swiglu_batched(p, fast))
+        x = x + self.mlp_post(self.mlp(self.mlp_norm(x)))
+        return x, kv
+
+
+class TTTModel(nn.Module):
+    """TTT-E2E language model. ``model(tokens)`` is the plain SWA forward (fast weights = W0, no update)."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        first_ttt = cfg.n_prefix_layers
+        self.blocks = nn.ModuleList(Block(cfg, has_prime=i >= first_ttt) for i in range(cfg.n_layers))
+        self.ln_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Official init: every linear (W0 included) and the embedding ~ N(0, std^2); norm gains 1."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear | nn.Embedding):
+                nn.init.normal_(m.weight, mean=0.0, std=self.cfg.init_std)
+            elif isinstance(m, RMSNorm):
+                nn.init.ones_(m.weight)
+
+    # ---- pieces shared by forward / prefill / meta_loss -------------------------------------------
+    def fast_names(self) -> list[str]:
+        """State keys of the fast weights, e.g. ``blocks.3.prime.w1``."""
+        return [
+            f"blocks.{i}.prime.{n}"
+            for i in range(self.cfg.n_prefix_layers, self.cfg.n_layers)
+            for n in FAST_NAMES
+        ]
+
+    def initial_fast(self, batch_size: int) -> dict[str, torch.Tensor]:
+        """W0 broadcast to (B, ...) views (differentiable w.r.t. the parameters)."""
+        out = {}
+        for name in self.fast_names():
+            w = self.get_parameter(name + ".weight")
+            out[name] = w.unsqueeze(0).expand(batch_size, *w.shape)
+        return out
+
+    def block_fast(self, fast: dict[str, torch.Tensor], i: int) -> dict[str, torch.Tensor]:
+        return {n: fast[f"blocks.{i}.prime.{n}"] for n in FAST_NAMES}
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.tok_emb(tokens)  # (B, T, d)
+
+    def head(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm + (tied) output projection; logits up-cast to fp32. (B, T, d) -> (B, T, V)."""
+        h = self.ln_f(h)
+        w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
+        logits = F.linear(h, w)
+        return _up(logits)
+
+    def run_blocks(
+        self,
+        h: torch.Tensor,
+        layers: range,
+        kv: list[KV] | None,
+        backend: str,
+        fast: dict[str, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, list[KV]]:
+        """Run blocks ``layers`` over h (B, T, d) with optional caches; returns h and each block's new (k, v)."""
+        new_kv = []
+        for j, i in enumerate(layers):
+            bf = self.block_fast(fast, i) if (fast is not None and self.blocks[i].has_prime) else None
+            h, kvi = self.blocks[i](h, None if kv is None else kv[j], backend, bf)
+            new_kv.append(kvi)
+        return h, new_kv
+
+    def forward(self, tokens: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+        """Plain sliding-window forward, no test-time update: tokens (B, T) -> logits (B, T, V) fp32."""
+        check_tokens(tokens, self.cfg)
+        h, _ = self.run_blocks(self.embed(tokens), range(self.cfg.n_layers), None, backend)
+        return self.head(h)
+
+    def state_signature(self) -> dict[str, Any]:
+        c = self.cfg
+        keys = ("vocab_size", "d_model", "n_layers", "n_ttt_layers", "n_kv_heads", "head_dim", "prime_hidden")
+        return {k: getattr(c, k) for k in keys} | {"window": c.window, "ttt_chunk": c.ttt_chunk}
+
+    def init_state(self, batch_size: int, device: torch.device | str | None = None) -> TTTState:
+        """Fresh state: fast weights = W0 (fp32 copies per row), empty caches, nothing pending."""
+        c = self.cfg
+        device = device if device is not None else self.tok_emb.weight.device
+        dtype = self.tok_emb.weight.dtype
+        fast_dtype = torch.promote_types(dtype, torch.float32)  # fp32 fast weights (fp64 in fp64 tests)
+        empty = torch.zeros(batch_size, c.n_kv_heads, 0, c.head_dim, device=device, dtype=dtype)
+        return TTTState(
+            fast={k: v.detach().to(fast_dtype).clone() for k, v in self.initial_fast(batch_size).items()},
+            kv=[(empty, empty) for _ in range(c.n_layers)],
+            pending_h=torch.zeros(batch_size, 0, c.d_model, device=device, dtype=dtype),
+            pending_tokens=torch.zeros(batch_size, 0, dtype=torch.long, device=device),
+            pos=0,
+            signature=self.state_signature(),
+        )
+
+    # ---- test-time training, generation, checkpoints (implemented in sibling modules) --------------
+    def prefill(
+        self, tokens: torch.Tensor, state: TTTState | None = None, backend: str = "auto"
+    ) -> PrefillOutput:
+        """Read tokens with TTT; see ``ttt.inner.prefill``."""
+        from ttt.inner import prefill
+
+        return prefill(self, tokens, state, backend=backend)
+
+    def meta_loss(
+        self, tokens: torch.Tensor, *, checkpoint: bool = False, ilr_scale: float = 1.0
+    ) -> torch.Tensor:
+        """Second-order meta-training loss of tokens (B, T+1); see ``ttt.inner.meta_loss``."""
+        from ttt.inner import meta_loss
+
+        return meta_loss(self, tokens, checkpoint=checkpoint, ilr_scale=ilr_scale)
+
+    def generate(self, prompt: torch.Tensor, state: TTTState | None = None, **kw: Any) -> torch.Tensor:
+        """Decode up to max_new_tokens -> (B, n_new); see ``ttt.generate.generate``."""
+        from ttt.generate import generate
+
+        return generate(self, prompt, state, **kw)
+
+    def generate_iter(
+        self, prompt: torch.Tensor, state: TTTState | None = None, **kw: Any
+    ) -> Iterator[torch.Tensor]:
+        """Yield (B,) token tensors one decode step at a time; see ``ttt.generate.generate_iter``."""
+        from ttt.generate import generate_iter
+
+        return generate_iter(self, prompt, state, **kw)
+
+    def save_pretrained(self, path: str | Path, tokenizer: Any = None) -> None:
+        from ttt.checkpoint import save_pretrained
+
+        save_pretrained(self, path, tokenizer=tokenizer)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> TTTModel:
+        from ttt.checkpoint import from_pretrained
+
+        return from_pretrained(path, device=device, dtype=dtype)
+
+    @classmethod
+    def from_hf(cls, path: str | Path, **overrides: Any) -> TTTModel:
+        """Import a local Hugging Face Llama checkpoint dir; see ``ttt.hf.from_hf``."""
+        from ttt.hf import from_hf
+
+        return from_hf(path, **overrides)
+
+
+def check_tokens(tokens: torch.Tensor, cfg: ModelConfig, min_len: int = 1) -> None:
+    """Raise TypeError/ValueError unless tokens is an integer (B, T) tensor of ids in [0, vocab_size)."""
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"tokens must be a torch.Tensor of shape (B, T), got {type(tokens).__name__}")
+    if tokens.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"tokens must be an int64/int32 tensor (LongTensor), got {tokens.dtype}")
+    if tokens.dim() != 2:
+        raise ValueError(f"tokens must have shape (B, T), got {tuple(tokens.shape)}")
+    if tokens.shape[0] < 1 or tokens.shape[1] < min_len:
+        raise ValueError(f"tokens must have B >= 1 and T >= {min_len}, got {tuple(tokens.shape)}")
+    lo, hi = int(tokens.min()), int(tokens.max())
+    if lo < 0 or hi >= cfg.vocab_size:
+        raise ValueError(f"token ids must lie in [0, {cfg.vocab_size}), got min {lo} max {hi}")
