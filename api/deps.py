@@ -12,6 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.jobs import IngestWorker, JobStore
 from api.metrics import Metrics
+from api.schemas import ErrorBody
 from api.settings import Settings
 from api.workers import WorkerPool
 
@@ -84,14 +85,10 @@ def unavailable(settings: Settings, why: str) -> HTTPException:
     )
 
 
-# Documented error replies, shared by the routers so the OpenAPI schema lists what can come back.
-ERR = {"model": dict[str, Any], "description": ""}
-
-
 def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
-    from api.schemas import ErrorBody
-
+    """OpenAPI ``responses`` entries for the error codes a route can return (so the schema lists them)."""
     text = {
+        400: "Malformed request body (not decodable)",
         401: "Missing or invalid API key",
         404: "Not found",
         409: "Nothing ingested yet",

@@ -17,7 +17,8 @@ from api.settings import Settings
 
 
 def create_app(settings: Settings | None = None, rag: Any | None = None) -> FastAPI:
-    """The service app; ``rag`` = an already built HybridRAG (else loaded from ``settings``)."""
+    """The service app. ``rag``: a built HybridRAG, or a zero-argument factory called at start-up;
+    None = ``HybridRAG.from_pretrained(settings.model_dir, settings.store_dir)`` at start-up."""
     svc = Service(settings=settings or Settings())
 
     @asynccontextmanager

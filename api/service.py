@@ -33,7 +33,11 @@ def start(svc: Service, rag: Any | None) -> None:
     s = svc.settings
     if not s.keys:
         log.warning("TTT_RAG_API_KEYS is empty: authentication is OFF; every client can read and write")
-    svc.rag = rag if rag is not None else load_rag(svc)
+    if rag is None:
+        rag = load_rag(svc)
+    elif not hasattr(rag, "answer") and callable(rag):  # a factory: build it now, inside the lifespan
+        rag = rag()
+    svc.rag = rag
     svc.jobs = JobStore(s.resolved_jobs_dir)
     svc.pool = WorkerPool(s.workers, s.queue_size)
 

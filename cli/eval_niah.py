@@ -6,9 +6,13 @@ import typer
 
 QUICK = dict(
     tasks="s-niah-1,mk-niah-2,lowlex-niah", systems="ttt,swa,full,bm25,regex", lengths="512,1024",
-    depths="0,50,100", samples=1, max_new_tokens=12,
+    depths="0,100", samples=1, max_new_tokens=8,
 )  # fmt: skip
 DEFAULT_TASKS = "s-niah-1,s-niah-2,s-niah-3,mk-niah-1,mk-niah-2,mk-niah-3,mv-niah,mq-niah"
+_DEFAULTS = dict(
+    tasks=DEFAULT_TASKS, systems="ttt,swa,full,retrieval,bm25,dense,regex,hybrid,fused",
+    lengths="4096,8192,16384,32768", depths="0,10,20,30,40,50,60,70,80,90,100", samples=5, max_new_tokens=128,
+)  # fmt: skip
 
 
 def _ints(s: str) -> list[int]:
@@ -30,16 +34,21 @@ def register(app: typer.Typer) -> None:
 
     @app.command("niah")
     def niah(
-        tasks: str = typer.Option(DEFAULT_TASKS, help="Comma list: RULER s-niah-1..3 mk-niah-1..3 mv-niah "
-                                  "mq-niah, gk-niah (SF needle), lowlex-niah, custom."),
-        systems: str = typer.Option("ttt,swa,full,retrieval,bm25,dense,regex,hybrid,fused", help="Comma list."),
-        lengths: str = typer.Option("4096,8192,16384,32768", help="Prompt lengths in model tokens."),
-        depths: str = typer.Option("0,10,20,30,40,50,60,70,80,90,100", help="Needle depths (percent)."),
+        tasks: str = typer.Option(
+            DEFAULT_TASKS,
+            help="Comma list: RULER s-niah-1..3 mk-niah-1..3 mv-niah "
+            "mq-niah, gk-niah (SF needle), lowlex-niah, custom.",
+        ),
+        systems: str = typer.Option(_DEFAULTS["systems"], help="Comma list."),
+        lengths: str = typer.Option(_DEFAULTS["lengths"], help="Prompt lengths in model tokens."),
+        depths: str = typer.Option(_DEFAULTS["depths"], help="Needle depths (percent)."),
         samples: int = typer.Option(5, help="Samples per (task, length, depth) cell."),
         seed: int = typer.Option(42),
         out: str = typer.Option("eval/results/niah", help="Output dir (records.jsonl, results.json, PNGs)."),
         model: str = typer.Option(None, help="Checkpoint dir; default: a random-init debug model (smoke)."),
-        full_model: str = typer.Option(None, help="Separate full-attention checkpoint for the `full` system."),
+        full_model: str = typer.Option(
+            None, help="Separate full-attention checkpoint for the `full` system."
+        ),
         needles: str = typer.Option(None, help="JSONL of custom needles {needle, question, answer}."),
         haystack: str = typer.Option(None, help="Essay dir (default ../shared/data/haystack/pg_essays)."),
         device: str = typer.Option("cpu", help="cpu | cuda"),
@@ -54,9 +63,12 @@ def register(app: typer.Typer) -> None:
         from eval.niah.runner import RunConfig, run
         from eval.niah.systems import SystemsConfig
 
-        if quick:
-            tasks, systems, lengths, depths = QUICK["tasks"], QUICK["systems"], QUICK["lengths"], QUICK["depths"]
-            samples, max_new_tokens = QUICK["samples"], QUICK["max_new_tokens"]
+        if quick:  # quick values replace options left at their defaults
+            given = dict(tasks=tasks, systems=systems, lengths=lengths, depths=depths, samples=samples,
+                         max_new_tokens=max_new_tokens)  # fmt: skip
+            q = {k: (QUICK[k] if v == _DEFAULTS[k] else v) for k, v in given.items()}
+            tasks, systems, lengths, depths = q["tasks"], q["systems"], q["lengths"], q["depths"]
+            samples, max_new_tokens = int(q["samples"]), int(q["max_new_tokens"])
             from eval.niah.haystack import default_essay_dir
             from eval.niah.tasks import TASKS
 

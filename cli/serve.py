@@ -34,7 +34,9 @@ def register(app: typer.Typer) -> None:
             raise typer.BadParameter(f"{e}; install the API extra: pip install 'ttt-rag[api]'") from e
 
         configure_json_logging(getattr(logging, log_level.upper(), logging.INFO))
-        overrides = {k: v for k, v in {"model_dir": model, "store_dir": store, "workers": workers}.items() if v}
+        overrides = {
+            k: v for k, v in {"model_dir": model, "store_dir": store, "workers": workers}.items() if v
+        }
         settings = Settings(**overrides)
         try:
             if not ipaddress.ip_address(host).is_loopback:

@@ -58,8 +58,22 @@ def rss_kib(pid: int) -> int:
 
 def start_server(model_dir: Path, store_dir: Path, port: int, env_extra: dict[str, str]) -> subprocess.Popen:
     env = {**os.environ, "TTT_RAG_API_KEYS": "bench-key", **env_extra}
-    cmd = [sys.executable, "-m", "cli.main", "serve", "--host", "127.0.0.1", "--port", str(port),
-           "--model", str(model_dir), "--store", str(store_dir), "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "cli.main",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--model",
+        str(model_dir),
+        "--store",
+        str(store_dir),
+        "--log-level",
+        "warning",
+    ]
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
@@ -79,7 +93,10 @@ async def wait_ready(client: Any, proc: subprocess.Popen, timeout: float = 120.0
 
 def _doc(rng: random.Random, i: int) -> dict[str, str]:
     words = " ".join(rng.choice(WORDS) for _ in range(40))
-    return {"id": f"doc-{i}", "text": f"Document {i}. The secret code of item {i} is {rng.randint(0, 10**6)}. {words}"}
+    return {
+        "id": f"doc-{i}",
+        "text": f"Document {i}. The secret code of item {i} is {rng.randint(0, 10**6)}. {words}",
+    }
 
 
 async def ingest(client: Any, docs: list[dict[str, str]], timeout: float = 120.0) -> int:
@@ -101,7 +118,9 @@ async def one_request(client: Any, rng: random.Random, route: str, n_docs: list[
     if route == "answer":
         return (await client.post("/v1/answer", json={"question": q, "max_tokens": 8})).status_code
     if route == "answer_stream":
-        async with client.stream("POST", "/v1/answer", json={"question": q, "max_tokens": 8, "stream": True}) as r:
+        async with client.stream(
+            "POST", "/v1/answer", json={"question": q, "max_tokens": 8, "stream": True}
+        ) as r:
             async for _ in r.aiter_lines():
                 pass
             return r.status_code
@@ -117,15 +136,31 @@ async def one_request(client: Any, rng: random.Random, route: str, n_docs: list[
         i = n_docs[0]
         n_docs[0] += 1
         return await ingest(client, [_doc(rng, i)])
-    path = {"models": "/v1/models", "documents": "/v1/documents", "metrics": "/metrics", "healthz": "/healthz"}
+    path = {
+        "models": "/v1/models",
+        "documents": "/v1/documents",
+        "metrics": "/metrics",
+        "healthz": "/healthz",
+    }
     return (await client.get(path[route])).status_code
 
 
-MIX = {"answer": 25, "answer_stream": 10, "chat": 20, "chat_stream": 10, "ingest": 5,
-       "models": 8, "documents": 8, "metrics": 7, "healthz": 7}
+MIX = {
+    "answer": 25,
+    "answer_stream": 10,
+    "chat": 20,
+    "chat_stream": 10,
+    "ingest": 5,
+    "models": 8,
+    "documents": 8,
+    "metrics": 7,
+    "healthz": 7,
+}
 
 
-async def client_loop(client: Any, seed: int, t_end: float, lat: dict, codes: dict, n_docs: list[int]) -> None:
+async def client_loop(
+    client: Any, seed: int, t_end: float, lat: dict, codes: dict, n_docs: list[int]
+) -> None:
     rng = random.Random(seed)
     routes, weights = list(MIX), list(MIX.values())
     while time.monotonic() < t_end:
@@ -148,27 +183,41 @@ async def run(args: argparse.Namespace, model_dir: Path, store_dir: Path) -> dic
     import httpx
 
     port = free_port()
-    env = {"TTT_RAG_WORKERS": str(args.workers), "TTT_RAG_QUEUE_SIZE": str(args.queue_size),
-           "TTT_RAG_INGEST_QUEUE_SIZE": str(args.clients + 8)}
+    env = {
+        "TTT_RAG_WORKERS": str(args.workers),
+        "TTT_RAG_QUEUE_SIZE": str(args.queue_size),
+        "TTT_RAG_INGEST_QUEUE_SIZE": str(args.clients + 8),
+    }
     proc = start_server(model_dir, store_dir, port, env)
     limits = httpx.Limits(max_connections=args.clients + 8, max_keepalive_connections=args.clients + 8)
     headers = {"Authorization": "Bearer bench-key"}
     try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=headers,
-                                     limits=limits, timeout=120) as client:
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{port}", headers=headers, limits=limits, timeout=120
+        ) as client:
             await wait_ready(client, proc)
             rng = random.Random(args.seed)
-            assert await ingest(client, [_doc(rng, i) for i in range(args.seed_docs)]) == 200, "seeding failed"
+            assert await ingest(client, [_doc(rng, i) for i in range(args.seed_docs)]) == 200, (
+                "seeding failed"
+            )
             n_docs = [args.seed_docs]
             warm_lat, warm_codes = defaultdict(list), defaultdict(lambda: defaultdict(int))
             t_warm = time.monotonic() + args.warmup
-            await asyncio.gather(*(client_loop(client, 10_000 + i, t_warm, warm_lat, warm_codes, n_docs)
-                                   for i in range(args.clients)))
+            await asyncio.gather(
+                *(
+                    client_loop(client, 10_000 + i, t_warm, warm_lat, warm_codes, n_docs)
+                    for i in range(args.clients)
+                )
+            )
             rss_before = rss_kib(proc.pid)
             lat, codes = defaultdict(list), defaultdict(lambda: defaultdict(int))
             t0 = time.monotonic()
-            await asyncio.gather(*(client_loop(client, args.seed + i, t0 + args.duration, lat, codes, n_docs)
-                                   for i in range(args.clients)))
+            await asyncio.gather(
+                *(
+                    client_loop(client, args.seed + i, t0 + args.duration, lat, codes, n_docs)
+                    for i in range(args.clients)
+                )
+            )
             elapsed = time.monotonic() - t0
             rss_after = rss_kib(proc.pid)
             metrics_text = (await client.get("/metrics")).text
@@ -178,14 +227,21 @@ async def run(args: argparse.Namespace, model_dir: Path, store_dir: Path) -> dic
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
-    return summarize(args, lat, codes, elapsed, rss_before, rss_after, n_docs[0], metrics_text, proc.returncode)
+    return summarize(
+        args, lat, codes, elapsed, rss_before, rss_after, n_docs[0], metrics_text, proc.returncode
+    )
 
 
 def summarize(args, lat, codes, elapsed, rss_before, rss_after, n_docs, metrics_text, rc) -> dict[str, Any]:
     routes = {}
     for r in sorted(lat):
-        routes[r] = {"n": len(lat[r]), "p50_ms": round(pct(lat[r], 0.5), 2), "p99_ms": round(pct(lat[r], 0.99), 2),
-                     "mean_ms": round(statistics.fmean(lat[r]) * 1000, 2), "status": dict(codes[r])}
+        routes[r] = {
+            "n": len(lat[r]),
+            "p50_ms": round(pct(lat[r], 0.5), 2),
+            "p99_ms": round(pct(lat[r], 0.99), 2),
+            "mean_ms": round(statistics.fmean(lat[r]) * 1000, 2),
+            "status": dict(codes[r]),
+        }
     all_codes = defaultdict(int)
     for r in codes:
         for c, n in codes[r].items():
@@ -196,11 +252,19 @@ def summarize(args, lat, codes, elapsed, rss_before, rss_after, n_docs, metrics_
     growth = (rss_after - rss_before) / rss_before
     mem_version = [ln for ln in metrics_text.splitlines() if ln.startswith("ttt_rag_memory_version ")]
     return {
-        "requests": total, "seconds": round(elapsed, 2), "rps": round(total / elapsed, 1),
-        "status_counts": dict(all_codes), "n_5xx": n5xx, "errors": errors,
-        "rss_kib_before": rss_before, "rss_kib_after": rss_after, "rss_growth": round(growth, 4),
-        "documents_at_end": n_docs, "memory_version_metric": mem_version[0].split()[1] if mem_version else None,
-        "server_exit_code": rc, "routes": routes,
+        "requests": total,
+        "seconds": round(elapsed, 2),
+        "rps": round(total / elapsed, 1),
+        "status_counts": dict(all_codes),
+        "n_5xx": n5xx,
+        "errors": errors,
+        "rss_kib_before": rss_before,
+        "rss_kib_after": rss_after,
+        "rss_growth": round(growth, 4),
+        "documents_at_end": n_docs,
+        "memory_version_metric": mem_version[0].split()[1] if mem_version else None,
+        "server_exit_code": rc,
+        "routes": routes,
         "pass": {"zero_5xx": n5xx == 0, "rss_growth_below_10pct": growth < 0.10},
     }
 
@@ -218,14 +282,19 @@ def main() -> None:
     p.add_argument("--out", default="bench_api.json")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request would drown the report
     assert args.duration <= 600 and args.clients <= 500, "bounded load only"
     with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
         model_dir = args.model or debug_model_dir(Path(tmp) / "model")
         result = asyncio.run(run(args, model_dir, Path(tmp) / "store"))
     cfg = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     cfg["model"] = str(args.model) if args.model else "random debug model (byte-level tokenizer)"
-    path = write_results(args.out, {**run_metadata(cfg, args.seed), "sizes": {"clients": args.clients}, **result})
-    log.info("%s", json.dumps({k: result[k] for k in ("requests", "rps", "n_5xx", "errors", "rss_growth", "pass")}))
+    path = write_results(
+        args.out, {**run_metadata(cfg, args.seed), "sizes": {"clients": args.clients}, **result}
+    )
+    log.info(
+        "%s", json.dumps({k: result[k] for k in ("requests", "rps", "n_5xx", "errors", "rss_growth", "pass")})
+    )
     log.info("wrote %s", path)
 
 

@@ -33,10 +33,9 @@ def evaluate_router(router: Router, rows: list[dict[str, str]]) -> dict[str, Any
     t0 = time.perf_counter()
     decisions = router.route_batch(qs)
     secs = time.perf_counter() - t0
-    order = router.classifier.classes
-    probs = np.asarray([[d.scores.get(c, 0.0) for c in ROUTES] for d in decisions])  # (N, 3), ROUTES order
-    logits = router.classifier.logits(router.features(qs))  # (N, 3), classifier order
-    raw = softmax(logits)[:, [order.index(c) for c in ROUTES]]
+    probs = np.asarray([[d.scores.get(c, 0.0) for c in ROUTES] for d in decisions])  # (N, 3) calibrated
+    # Uncalibrated probabilities for comparison: softmax(T * log p) == softmax(logits), no second embedding pass.
+    raw = softmax(router.classifier.temperature * np.log(np.clip(probs, 1e-300, None)))
     pred = np.asarray([ROUTES.index(d.route) for d in decisions])
     conf = np.zeros((3, 3), dtype=int)  # rows: true route, cols: predicted route
     for t, p in zip(y, pred, strict=True):
@@ -88,7 +87,9 @@ def markdown(metrics: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(router_dir: Path | None = None, data: Path | None = None, split: str = "test", out_dir: Path | None = None) -> dict[str, Any]:
+def run(
+    router_dir: Path | None = None, data: Path | None = None, split: str = "test", out_dir: Path | None = None
+) -> dict[str, Any]:
     """Evaluate, write eval/results/router_eval.json, return the payload."""
     router = Router.load(router_dir) if router_dir else Router.load_default()
     rows = load_examples(data, split=split)

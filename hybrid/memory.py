@@ -92,7 +92,9 @@ class CorpusMemory:
         try:
             return json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise CorruptMemoryError(f"{path} is unreadable ({e}); delete the memory dir to rebuild it") from e
+            raise CorruptMemoryError(
+                f"{path} is unreadable ({e}); delete the memory dir to rebuild it"
+            ) from e
 
     def _write_head(self, head: dict[str, Any]) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -133,7 +135,9 @@ class CorpusMemory:
         self._write_head({"current": meta.version, "history": hist})
         for m in drop:
             (self.dir / f"{m['version']}.safetensors").unlink(missing_ok=True)
-        log.info("corpus memory v%d saved (%d docs, %d tokens)", meta.version, len(meta.doc_ids), meta.tokens_read)
+        log.info(
+            "corpus memory v%d saved (%d docs, %d tokens)", meta.version, len(meta.doc_ids), meta.tokens_read
+        )
         return meta
 
     def load(self, version: int | None = None, device: str = "cpu") -> tuple[TTTState, MemoryMeta]:
@@ -144,7 +148,9 @@ class CorpusMemory:
         cur = self.head()
         meta = cur if version is None else metas.get(version)
         if meta is None:
-            raise CorruptMemoryError(f"no corpus memory version {version} in {self.dir} (kept: {sorted(metas)})")
+            raise CorruptMemoryError(
+                f"no corpus memory version {version} in {self.dir} (kept: {sorted(metas)})"
+            )
         path = self.dir / meta.file
         prev = [v for v in sorted(metas) if v < meta.version]
         hint = f"; previous version {prev[-1]} is kept: call rollback()" if prev else "; re-ingest to rebuild"

@@ -38,7 +38,7 @@ from hybrid.errors import (
     UnknownRouteError,
 )
 from hybrid.memory import CorpusMemory, MemoryMeta, text_sha1
-from hybrid.reader import ReaderConfig, Source, build_prompt, cite, token_budget
+from hybrid.reader import ReaderConfig, Source, build_prompt, cite, hit_source, token_budget
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,9 @@ def normalize_documents(docs: Any) -> list[tuple[str, str]]:
     if isinstance(docs, str | tuple) or hasattr(docs, "page_content"):
         docs = [docs]
     if not isinstance(docs, Iterable):
-        raise InvalidDocumentsError(f"ingest takes a list of texts or (doc_id, text) pairs, got {type(docs).__name__}")
+        raise InvalidDocumentsError(
+            f"ingest takes a list of texts or (doc_id, text) pairs, got {type(docs).__name__}"
+        )
     out: list[tuple[str, str]] = []
     for i, d in enumerate(docs):
         if isinstance(d, str):
@@ -129,7 +131,9 @@ def normalize_documents(docs: Any) -> list[tuple[str, str]]:
             text = d.page_content
             doc_id = getattr(d, "id", None) or (d.metadata or {}).get("id") or f"doc-{text_sha1(text)[:12]}"
         else:
-            raise InvalidDocumentsError(f"document {i} must be a str, (doc_id, text) or Document, got {type(d).__name__}")
+            raise InvalidDocumentsError(
+                f"document {i} must be a str, (doc_id, text) or Document, got {type(d).__name__}"
+            )
         if not isinstance(doc_id, str) or not doc_id.strip():
             raise InvalidDocumentsError(f"document {i}: id must be a non-empty string, got {doc_id!r}")
         if not isinstance(text, str) or not text.strip():
@@ -208,7 +212,9 @@ class HybridRAG:
                 self.memory.put_text(doc_id, text)
             t_index = time.perf_counter() - t0
             meta = self.memory.head()
-            changed = any(d in before and before[d].sha256 != self.index.documents()[d].sha256 for d, _ in items)
+            changed = any(
+                d in before and before[d].sha256 != self.index.documents()[d].sha256 for d, _ in items
+            )
             usable = meta is not None and self._memory_matches(meta, set(before))
             t1 = time.perf_counter()
             if usable and not changed:
@@ -216,11 +222,16 @@ class HybridRAG:
                 new = [(d, t) for d, t in items if d not in known]
                 meta, n_tok = self._read(new, meta, progress) if new else (meta, 0)
                 rebuilt = False
-            else:
+            elif meta is None and not before:  # the first ingest into an empty store
+                meta, n_tok = self._read(items, None, progress)
+                rebuilt = False
+            else:  # documents changed, or the memory is stale / missing / from another model
                 meta, n_tok = self._rebuild(progress)
                 rebuilt = True
         timings = {"index": t_index, "read": time.perf_counter() - t1, "total": time.perf_counter() - t0}
-        return IngestReport([d for d, _ in items], len(chunk_ids), n_tok, meta.version, timings, chunk_ids, rebuilt)
+        return IngestReport(
+            [d for d, _ in items], len(chunk_ids), n_tok, meta.version, timings, chunk_ids, rebuilt
+        )
 
     def delete(self, doc_ids: Sequence[str]) -> int:
         """Remove documents; the corpus memory becomes stale (rebuilt by the next answer that needs it)."""
@@ -236,6 +247,15 @@ class HybridRAG:
                     self.memory.drop_text(d)
         return n
 
+    def search(self, question: str, k: int | None = None, mode: str | None = None) -> list[Source]:
+        """Top-k chunks for ``question`` as ``Source``s (retrieval only, no generation)."""
+        q = check_question(question)
+        k = self.config.top_k if k is None else k
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise InvalidQuestionError(f"k must be an integer >= 1, got {k!r}")
+        hits = self.index.search(q, k=k, mode=mode or self.config.search_mode)
+        return [hit_source(h, h.chunk.text, 0) for h in hits]
+
     # ---- corpus memory --------------------------------------------------------------------------------
     def _memory_matches(self, meta: MemoryMeta, doc_ids: set[str]) -> bool:
         return not meta.stale and meta.model == self._fingerprint and set(meta.doc_ids) == doc_ids
@@ -246,7 +266,9 @@ class HybridRAG:
             ids += self.tokenizer.encode(text) + [self.tokenizer.sep_id]
         return ids
 
-    def _read(self, items: Sequence[tuple[str, str]], meta: MemoryMeta | None, progress: bool) -> tuple[MemoryMeta, int]:
+    def _read(
+        self, items: Sequence[tuple[str, str]], meta: MemoryMeta | None, progress: bool
+    ) -> tuple[MemoryMeta, int]:
         """Prefill the corpus tokens of ``items`` on top of ``meta``'s state; save the next version."""
         state = self._load_state(meta) if meta is not None else None
         ids = self._corpus_tokens(items)
@@ -305,8 +327,15 @@ class HybridRAG:
             self._router = Router.load_default()
         return self._router
 
-    def answer(self, question: str, route: str = "auto", top_k: int | None = None, max_new_tokens: int | None = None,
-               temperature: float | None = None, stop: Sequence[str] | None = None) -> Answer:  # fmt: skip
+    def answer(
+        self,
+        question: str,
+        route: str = "auto",
+        top_k: int | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        stop: Sequence[str] | None = None,
+    ) -> Answer:
         """Answer ``question`` by ``route`` ('auto' asks the router); see the module docstring."""
         final = None
         for item in self.answer_stream(question, route, top_k, max_new_tokens, temperature, stop):
@@ -314,50 +343,53 @@ class HybridRAG:
         assert isinstance(final, Answer), "answer_stream must end with an Answer"
         return final
 
-    def answer_stream(self, question: str, route: str = "auto", top_k: int | None = None,
-                      max_new_tokens: int | None = None, temperature: float | None = None,
-                      stop: Sequence[str] | None = None) -> Iterator[str | Answer]:  # fmt: skip
+    def answer_stream(
+        self,
+        question: str,
+        route: str = "auto",
+        top_k: int | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        stop: Sequence[str] | None = None,
+    ) -> Iterator[str | Answer]:
         """Yield the answer text in pieces as it is generated, then the final ``Answer``."""
         plan = self._plan(question, route, top_k, max_new_tokens)
         t_gen = time.perf_counter()
         model = _frozen(self.model) if plan["state"] is None else self.model
         prompt = torch.tensor([plan["prompt"].ids], dtype=torch.long, device=self.device)
         temp = self.config.temperature if temperature is None else temperature
-        steps = model.generate_iter(prompt, plan["state"], max_new_tokens=plan["max_new"],
-                                    temperature=temp, eos_id=self.tokenizer.eos_id)  # fmt: skip
-        text, ids, stopped = "", [], False
-        for tok in steps:
-            if int(tok[0]) == self.tokenizer.eos_id:
-                break
-            ids.append(int(tok[0]))
-            full = self.tokenizer.decode(ids)
-            if full.endswith("\ufffd"):  # maybe an incomplete multi-byte character: wait for the rest
-                continue
-            cut = _stop_at(full, stop)
-            if cut is not None:
-                full, stopped = full[:cut], True
-            if full[len(text) :]:
-                yield full[len(text) :]
-            text = full
-            if stopped:
-                break
-        if not stopped and ids:  # flush what an unfinished character held back
-            full = self.tokenizer.decode(ids)
-            cut = _stop_at(full, stop)
-            full = full if cut is None else full[:cut]
-            if full.startswith(text) and full[len(text) :]:
-                yield full[len(text) :]
-            text = full
+        steps = model.generate_iter(
+            prompt,
+            plan["state"],
+            max_new_tokens=plan["max_new"],
+            temperature=temp,
+            eos_id=self.tokenizer.eos_id,
+        )
+        ids: list[int] = []
+        pieces: list[str] = []
+        for piece in stream_text(steps, self.tokenizer, stop, ids):
+            pieces.append(piece)
+            yield piece
+        text = "".join(pieces)
         timings = plan["timings"] | {"generate": time.perf_counter() - t_gen}
         timings["total"] = time.perf_counter() - plan["t0"]
         n_prompt = len(plan["prompt"].ids)
         sources = cite(text, plan["prompt"].sources, self.config.reader) if plan["prompt"].sources else []
         yield Answer(
-            text=text, route=plan["route"], decision=plan["decision"], sources=sources, timings=timings,
-            usage={"prompt_tokens": n_prompt, "completion_tokens": len(ids), "total_tokens": n_prompt + len(ids),
-                   "memory_tokens": plan["memory_tokens"]},
-            memory_rebuilt=plan["rebuilt"], memory_version=plan["memory_version"],
-        )  # fmt: skip
+            text=text,
+            route=plan["route"],
+            decision=plan["decision"],
+            sources=sources,
+            timings=timings,
+            usage={
+                "prompt_tokens": n_prompt,
+                "completion_tokens": len(ids),
+                "total_tokens": n_prompt + len(ids),
+                "memory_tokens": plan["memory_tokens"],
+            },
+            memory_rebuilt=plan["rebuilt"],
+            memory_version=plan["memory_version"],
+        )
 
     def _decide(self, question: str, route: str) -> Any:
         from router import RouteDecision
@@ -366,7 +398,9 @@ class HybridRAG:
             return self.router.route(question)
         return RouteDecision(route=route, confidence=1.0, reason="route chosen by the caller")
 
-    def _plan(self, question: str, route: str, top_k: int | None, max_new_tokens: int | None) -> dict[str, Any]:
+    def _plan(
+        self, question: str, route: str, top_k: int | None, max_new_tokens: int | None
+    ) -> dict[str, Any]:
         """Validate, route, retrieve, fetch the memory and build the prompt (everything before decoding)."""
         t0 = time.perf_counter()
         q = check_question(question)
@@ -381,7 +415,9 @@ class HybridRAG:
         budget = token_budget(self.model.cfg.window, max_new, self.config.reader)
         if budget < 8:
             raise InvalidQuestionError(f"max_new_tokens={max_new} leaves no room for a prompt in the window")
-        build_prompt(q, [], self.tokenizer, budget=budget, cfg=self.config.reader)  # QuestionTooLongError early
+        build_prompt(
+            q, [], self.tokenizer, budget=budget, cfg=self.config.reader
+        )  # QuestionTooLongError early
         timings: dict[str, float] = {}
         t = time.perf_counter()
         decision = self._decide(q, route)
@@ -398,9 +434,18 @@ class HybridRAG:
             state, version, mem_tokens = shared.clone(), meta.version, meta.tokens_read  # per-request copy
             timings["memory_rebuild" if rebuilt else "memory"] = time.perf_counter() - t
         prompt = build_prompt(q, hits, self.tokenizer, budget=budget, cfg=self.config.reader)
-        return {"t0": t0, "route": decision.route, "decision": decision, "prompt": prompt, "state": state,
-                "max_new": max_new, "timings": timings, "rebuilt": rebuilt, "memory_version": version,
-                "memory_tokens": mem_tokens}  # fmt: skip
+        return {
+            "t0": t0,
+            "route": decision.route,
+            "decision": decision,
+            "prompt": prompt,
+            "state": state,
+            "max_new": max_new,
+            "timings": timings,
+            "rebuilt": rebuilt,
+            "memory_version": version,
+            "memory_tokens": mem_tokens,
+        }
 
 
 def check_question(question: Any) -> str:
@@ -415,6 +460,36 @@ def _stop_at(text: str, stop: Sequence[str] | None) -> int | None:
     """Index of the earliest stop string in ``text`` (None if none occurs)."""
     hits = [text.find(s) for s in (stop or []) if s and s in text]
     return min(hits) if hits else None
+
+
+def stream_text(
+    steps: Iterable[torch.Tensor], tok: Any, stop: Sequence[str] | None, ids: list[int]
+) -> Iterator[str]:
+    """Decode (B=1) token steps into text pieces, ending at eos or before the first stop string.
+
+    Appends every generated id (eos excluded) to ``ids``; the pieces join to the final text.
+    """
+    text = ""
+    hold = max((len(s) for s in stop or [] if s), default=1) - 1  # a stop string may be arriving
+    for step in steps:
+        if int(step[0]) == tok.eos_id:
+            break
+        ids.append(int(step[0]))
+        full = tok.decode(ids)
+        if full.endswith("\ufffd"):  # maybe an incomplete multi-byte character: wait for the rest
+            continue
+        cut = _stop_at(full, stop)
+        safe = full[:cut] if cut is not None else full[: len(full) - hold]
+        if safe.startswith(text) and len(safe) > len(text):
+            yield safe[len(text) :]
+            text = safe
+        if cut is not None:
+            return
+    full = tok.decode(ids)  # flush what an unfinished character held back
+    cut = _stop_at(full, stop)
+    full = full if cut is None else full[:cut]
+    if full.startswith(text) and len(full) > len(text):
+        yield full[len(text) :]
 
 
 def read_tokens(model: Any, ids: list[int], state: Any, block: int, progress: bool = False) -> Any:
@@ -449,8 +524,9 @@ def load_model(model_dir: str | Path | None, device: str | None = None) -> tuple
     if model_dir is None:
         log.warning(
             "no trained model at %s: using a RANDOM debug model with the byte-level tokenizer "
-            "(answers are noise; routes, retrieval and sources are real)", DEFAULT_MODEL_DIR
-        )  # fmt: skip
+            "(answers are noise; routes, retrieval and sources are real)",
+            DEFAULT_MODEL_DIR,
+        )
         return random_debug_model(device=device), Tokenizer.byte_level()
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").exists():
@@ -462,10 +538,13 @@ def load_model(model_dir: str | Path | None, device: str | None = None) -> tuple
 
 
 def random_debug_model(seed: int = 0, device: str = "cpu", **overrides: Any) -> Any:
-    """The ``debug`` preset with a window wide enough for a reader prompt, seeded (deterministic)."""
+    """The ``debug`` preset, seeded: a window wide enough for a reader prompt, b = 256 (fewer inner steps on
+    CPU) and vocab 260 = the byte-level tokenizer's, so every sampled id decodes to text."""
     from ttt import ModelConfig, TTTModel
 
-    cfg = ModelConfig.from_name("debug", **({"window": 1024, "ttt_chunk": 256} | overrides))
+    cfg = ModelConfig.from_name(
+        "debug", **({"window": 1024, "ttt_chunk": 256, "vocab_size": 260} | overrides)
+    )
     g = torch.random.fork_rng(devices=[])
     with g:
         torch.manual_seed(seed)

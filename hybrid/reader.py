@@ -108,7 +108,8 @@ def token_budget(window: int | None, max_new_tokens: int, cfg: ReaderConfig) -> 
     return min(window - max_new_tokens, cfg.max_prompt_tokens)
 
 
-def _hit_source(hit: Any, text: str, marker: int) -> Source:
+def hit_source(hit: Any, text: str, marker: int) -> Source:
+    """``SearchHit``-like -> ``Source`` (marker 0 = not in a prompt)."""
     ch = hit.chunk
     scores = {k: float(v) for k, v in (getattr(hit, "scores", None) or {}).items() if v is not None}
     return Source(ch.doc_id, ch.id, text, float(hit.score), scores, ch.start, ch.end, marker)
@@ -148,12 +149,12 @@ def build_prompt(
             if room >= cfg.min_chunk_tokens:
                 text_ids = text_ids[:room]
                 body += marker + text_ids + sep
-                sources.append(_hit_source(hit, tok.decode(text_ids), rank))
+                sources.append(hit_source(hit, tok.decode(text_ids), rank))
                 truncated = True
             break
         body += marker + text_ids + sep
         left -= need
-        sources.append(_hit_source(hit, hit.chunk.text.strip(), rank))
+        sources.append(hit_source(hit, hit.chunk.text.strip(), rank))
     ids = head + body + tail
     assert len(ids) <= budget, f"prompt of {len(ids)} tokens exceeds the budget {budget}"
     return Prompt(ids, sources, len(hits) - len(sources), truncated)

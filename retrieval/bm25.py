@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -43,6 +44,9 @@ class BM25Config:
     k1: float = 1.5  # term-frequency saturation (rank-bm25 default)
     b: float = 0.75  # length normalisation (rank-bm25 default)
     epsilon: float = 0.25  # floor for negative idf = epsilon * mean idf (rank-bm25 BM25Okapi)
+    # exact MaxScore pruning: query terms in more than this fraction of chunks are only scored for rows
+    # that match a rarer term, when their summed column maxima cannot reach the k-th score (else full scan)
+    prune_df_frac: float = 0.05
 
 
 def bm25_idf(df: np.ndarray, n_docs: int, epsilon: float) -> np.ndarray:
@@ -88,24 +92,30 @@ class BM25Index:
         data = idf[tf.indices] * (f * (k1 + 1) / (f + k1 * (1 - b + b * dl[rows] / avgdl)))
         return sp.csr_matrix((data, tf.indices, tf.indptr), shape=(n, v)).tocsc()
 
-    def add(self, token_lists: list[list[str]]) -> BM25Index:
-        """A new index with one row appended per token list (rows keep their order)."""
+    def add(self, token_lists: Iterable[list[str]]) -> BM25Index:
+        """A new index with one row appended per token list (streamed: lists are not kept)."""
         sp = _sparse()
         vocab = dict(self.vocab)
-        ids = np.fromiter(
-            (vocab.setdefault(t, len(vocab)) for toks in token_lists for t in toks), dtype=np.int64
-        )
-        lengths = np.fromiter((len(t) for t in token_lists), dtype=np.int64, count=len(token_lists))
-        rows = np.repeat(np.arange(len(token_lists)), lengths)
+        lengths: list[int] = []
+
+        def term_ids() -> Iterator[int]:
+            for toks in token_lists:
+                lengths.append(len(toks))
+                yield from (vocab.setdefault(t, len(vocab)) for t in toks)
+
+        ids = np.fromiter(term_ids(), dtype=np.int64)
+        n_new = len(lengths)
+        rows = np.repeat(np.arange(n_new, dtype=np.int64), np.asarray(lengths, dtype=np.int64))
         new = sp.coo_matrix(
-            (np.ones(len(ids), dtype=np.int32), (rows, ids)), shape=(len(token_lists), len(vocab))
+            (np.ones(len(ids), dtype=np.int32), (rows, ids)), shape=(n_new, len(vocab))
         ).tocsr()  # duplicates summed: term counts
+        del ids, rows
         old = self.tf.copy()
         old.resize((self.n_rows, len(vocab)))
         return BM25Index(self.cfg, vocab, sp.vstack([old, new], format="csr", dtype=np.int32))
 
-    def add_texts(self, texts: list[str]) -> BM25Index:
-        return self.add([tokenize(t) for t in texts])
+    def add_texts(self, texts: Iterable[str]) -> BM25Index:
+        return self.add(tokenize(t) for t in texts)
 
     def keep_rows(self, keep: np.ndarray) -> BM25Index:
         """A new index with only the rows where ``keep`` (bool, (N,)) is True."""
@@ -129,8 +139,64 @@ class BM25Index:
 
     def search(self, query: str, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-k (rows, scores) among rows matching at least one query token, best first."""
-        scores, hit = self.get_scores(tokenize(query))
+        return self.search_tokens(tokenize(query), k)
+
+    def search_tokens(self, query_tokens: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
+        sc = self.scores
+        cols = [j for t in query_tokens if (j := self.vocab.get(t)) is not None]
+        cols = [j for j in cols if sc.indptr[j + 1] > sc.indptr[j]]  # terms of deleted rows: no entries
+        if not cols:
+            return np.zeros(0, dtype=np.int64), np.zeros(0)
+        if all(sc.data[sc.indptr[j]] > 0 for j in cols):
+            # every idf > 0: a row matches iff its score > 0, so skip the match mask (fast path)
+            pruned = self._maxscore(np.array(cols), k)
+            if pruned is not None:
+                return pruned
+            out = np.zeros(self.n_rows, dtype=np.float64)
+            for j in cols:
+                a, b = sc.indptr[j], sc.indptr[j + 1]
+                out[sc.indices[a:b]] += sc.data[a:b]
+            rows, vals = top_k(out, k)
+            keep = vals > 0
+            return rows[keep], vals[keep]
+        scores, hit = self.get_scores(query_tokens)
         return top_k(scores, k, np.flatnonzero(hit))
+
+    def _col_max(self) -> np.ndarray:
+        """(V,) largest score in each column (0 for empty columns), computed once per index."""
+        if getattr(self, "_cmax", None) is None:
+            sc = self.scores
+            starts = sc.indptr[:-1]
+            nonempty = np.diff(sc.indptr) > 0
+            cmax = np.zeros(sc.shape[1])
+            if nonempty.any():  # empty columns own no data, so consecutive non-empty starts bound each column
+                cmax[nonempty] = np.maximum.reduceat(np.asarray(sc.data), starts[nonempty])
+            self._cmax = cmax
+        return self._cmax
+
+    def _maxscore(self, cols: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray] | None:
+        """Exact top-k scanning only rare-term columns, or None when the bound does not prove it."""
+        sc, n = self.scores, self.n_rows
+        lens = sc.indptr[cols + 1] - sc.indptr[cols]
+        common = lens > self.cfg.prune_df_frac * n
+        if common.all() or not common.any() or not sc.has_sorted_indices:
+            return None
+        out = np.zeros(n, dtype=np.float64)
+        for j in cols[~common]:  # essential (rare) terms: scatter as usual
+            a, b = sc.indptr[j], sc.indptr[j + 1]
+            out[sc.indices[a:b]] += sc.data[a:b]
+        cand = np.flatnonzero(out)  # rows matching a rare term (all idf > 0 here)
+        for j in cols[common]:  # common terms: look up only the candidate rows (sorted column indices)
+            a, b = sc.indptr[j], sc.indptr[j + 1]
+            col = sc.indices[a:b]
+            pos = np.minimum(np.searchsorted(col, cand), len(col) - 1)
+            found = col[pos] == cand
+            out[cand[found]] += sc.data[a:b][pos[found]]
+        rows, vals = top_k(out, k, cand)
+        bound = self._col_max()[cols[common]].sum()  # best score a row without rare terms can reach
+        if len(rows) == k and vals[-1] > bound:
+            return rows, vals
+        return None
 
     def save(self, d: Path) -> None:
         tf, sc = self.tf, self.scores

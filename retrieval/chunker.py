@@ -105,6 +105,8 @@ def iter_chunks(doc_id: str, pieces: Iterable[str], cfg: ChunkerConfig | None = 
         limit = len(buf) if done else max(buf.rfind(" ", 0, len(buf)), buf.rfind("\n"), 0)
         spans = [m.span() for m in _TOKEN.finditer(buf, 0, limit)]
         if not spans:
+            if not done and len(buf) >= cfg.window_chars:  # no whitespace in a full window: read more
+                cfg = _grow(cfg)
             buf, base = buf[limit:], base + limit
             continue
         breaks = {m.end() for m in _SENT_BREAK.finditer(buf, 0, limit)}
@@ -123,6 +125,10 @@ def iter_chunks(doc_id: str, pieces: Iterable[str], cfg: ChunkerConfig | None = 
         cut = spans[resume][0]
         buf, base = buf[cut:], base + cut
         if not done and len(buf) >= cfg.window_chars:  # one window fits < max_tokens tokens: grow it
-            cfg = ChunkerConfig(
-                max_tokens=cfg.max_tokens, overlap_tokens=cfg.overlap_tokens, window_chars=cfg.window_chars * 2
-            )
+            cfg = _grow(cfg)
+
+
+def _grow(cfg: ChunkerConfig) -> ChunkerConfig:
+    return ChunkerConfig(
+        max_tokens=cfg.max_tokens, overlap_tokens=cfg.overlap_tokens, window_chars=cfg.window_chars * 2
+    )

@@ -40,7 +40,10 @@ class Embedder:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model_dir, self.device, self.batch_size = Path(model_dir), device, batch_size
         self.model = SentenceTransformer(str(model_dir), device=device, local_files_only=True)
-        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        get_dim = (
+            getattr(self.model, "get_embedding_dimension", None)
+            or self.model.get_sentence_embedding_dimension
+        )
         self.dim = int(get_dim())
         self.name = self.model_dir.name if self.model_dir.name != "model" else "all-MiniLM-L6-v2"
         log.info("loaded embedder %s (dim %d) on %s", self.model_dir, self.dim, device)
@@ -56,6 +59,10 @@ class Embedder:
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
         v = self.model.encode(
-            texts, batch_size=self.batch_size, normalize_embeddings=True, convert_to_numpy=True
+            texts,
+            batch_size=self.batch_size,
+            normalize_embeddings=True,
+            convert_to_numpy=True,
+            show_progress_bar=False,
         )
         return np.ascontiguousarray(v, dtype=np.float32)  # (N, dim)

@@ -123,7 +123,9 @@ class Index:
         return cls(store_dir, manifest, embedder)
 
     @classmethod
-    def open(cls, store_dir: str | Path, *, embedder=None, version: int | None = None, mmap: bool = True) -> Index:
+    def open(
+        cls, store_dir: str | Path, *, embedder=None, version: int | None = None, mmap: bool = True
+    ) -> Index:
         """Open the committed version (or a retained older ``version``, read-only use)."""
         store_dir = Path(store_dir)
         return cls(store_dir, store.read_manifest(store_dir, version), embedder, mmap)
@@ -187,21 +189,26 @@ class Index:
         if len(st.table) == 0:
             return []
         if mode == "bm25":
-            bm, hit = st.bm25.get_scores(tokenize(query))
-            rows, vals = top_k(bm, k, np.flatnonzero(hit))
-            return [SearchHit(st.table.chunk(r), float(s), {"bm25": float(s)}) for r, s in zip(rows, vals)]
+            rows, vals = st.bm25.search(query, k)
+            return [
+                SearchHit(st.table.chunk(r), float(s), {"bm25": float(s)})
+                for r, s in zip(rows, vals, strict=True)
+            ]
         qv = self._embed([query])[0]  # (dim,)
         if mode == "dense":
             rows, vals = st.dense.search(qv[None], k)
             return [
                 SearchHit(st.table.chunk(r), float(s), {"dense": float(s)})
-                for r, s in zip(rows[0], vals[0])
+                for r, s in zip(rows[0], vals[0], strict=True)
                 if r >= 0
             ]
-        return self._hybrid(query, qv, k, weights)
+        return self._hybrid(st, query, qv, k, weights)
 
-    def _hybrid(self, query: str, qv: np.ndarray, k: int, weights: dict[str, float] | None) -> list[SearchHit]:
-        st, depth = self._state, max(k, self.config.hybrid_candidates)
+    def _hybrid(
+        self, st: _State, query: str, qv: np.ndarray, k: int, weights: dict[str, float] | None
+    ) -> list[SearchHit]:
+        """Weighted RRF of BM25 and dense candidates of one version ``st`` (a concurrent commit is not seen)."""
+        depth = max(k, self.config.hybrid_candidates)
         bm, hit = st.bm25.get_scores(tokenize(query))
         b_rows, _ = top_k(bm, depth, np.flatnonzero(hit))
         d_rows, _ = st.dense.search(qv[None], depth)
@@ -215,7 +222,7 @@ class Index:
         dense_scores = st.dense.vectors[rows] @ qv  # exact cosine for every fused hit
         return [
             SearchHit(st.table.chunk(r), s, {"bm25": float(bm[r]), "dense": float(ds)})
-            for (r, s), ds in zip(fused, dense_scores)
+            for (r, s), ds in zip(fused, dense_scores, strict=True)
         ]
 
     # ---------------------------------------------------------------- write API
@@ -271,7 +278,9 @@ class Index:
         manifest = _write(self.store_dir, version, self.config, nxt, docs, self.embedder)
         self._docs, self._state, self._manifest = docs, nxt, manifest
         store.collect_garbage(self.store_dir, version)
-        log.info("committed %s version %d: %d docs, %d chunks", self.store_dir, version, len(docs), len(nxt.table))
+        log.info(
+            "committed %s version %d: %d docs, %d chunks", self.store_dir, version, len(docs), len(nxt.table)
+        )
 
 
 @dataclass
@@ -330,7 +339,9 @@ def _write(store_dir: Path, version: int, cfg: IndexConfig, st: _State, docs, em
         "dense_model": getattr(embedder, "name", None) if st.dense is not None else None,
         "dense_dim": st.dense.dim if st.dense is not None else None,
         "n_chunks": len(st.table),
-        "documents": {k: {"sha256": v.sha256, "n_chars": v.n_chars, "chunk_ids": v.chunk_ids} for k, v in docs.items()},
+        "documents": {
+            k: {"sha256": v.sha256, "n_chars": v.n_chars, "chunk_ids": v.chunk_ids} for k, v in docs.items()
+        },
         "files": files,
     }
     store.commit_manifest(store_dir, manifest)

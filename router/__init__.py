@@ -1,7 +1,7 @@
 """Question router: comprehension (TTT memory) vs lookup (retrieval) vs fused, with calibrated confidence.
 
-    from router import Router
-    Router.load_default().route("What are the main themes?")  # RouteDecision(route='comprehension', ...)
+from router import Router
+Router.load_default().route("What are the main themes?")  # RouteDecision(route='comprehension', ...)
 """
 
 from router.model import ClassifierConfig, LinearClassifier, expected_calibration_error

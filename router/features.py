@@ -50,9 +50,13 @@ _DATE = re.compile(
     rf"\b\d{{1,2}}(st|nd|rd|th)? {_MONTH}\b|\b{_MONTH} \d{{1,2}}\b|\b\d{{1,4}}[/.-]\d{{1,2}}[/.-]\d{{1,4}}\b",
     re.I,
 )
-_UUID = re.compile(r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b|\b[0-9a-f]{12,}\b", re.I)
+_UUID = re.compile(
+    r"\b[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\b|\b[0-9a-f]{12,}\b", re.I
+)
 # Letter+digit tokens (B-17, ZX-443, a1b2c3d, NCT01234567), hyphenated slugs (blue-harbor-17), #123.
-_ID = re.compile(r"\b(?=[\w-]*\d)(?=[\w-]*[A-Za-z])[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*\b|#\d+|\b[a-z]+(?:-[a-z]+){2,}\b")
+_ID = re.compile(
+    r"\b(?=[\w-]*\d)(?=[\w-]*[A-Za-z])[A-Za-z0-9]+(?:-[A-Za-z0-9]+)*\b|#\d+|\b[a-z]+(?:-[a-z]+){2,}\b"
+)
 _CODE = re.compile(r"\b\w+_\w+\b|\b[a-z]+[A-Z]\w*\b|\b[A-Z][a-z]+[A-Z]\w*\b|--\w+|/\w+/|\w+\.\w{2,4}\b|\(\)")
 _PROPER = re.compile(r"(?<=[a-z,;:] )[A-Z][a-z]+")
 
@@ -76,7 +80,11 @@ SIGNALS: list[tuple[str, str, Callable[[str], float]]] = [
     ("identifier", "ID-like token", lambda q: float(bool(_ID.search(q)))),
     ("code", "code identifier", lambda q: float(bool(_CODE.search(q)))),
     ("proper_noun", "proper noun", lambda q: float(bool(_PROPER.search(q)))),
-    ("two_clauses", "two-part question", lambda q: float(bool(re.search(r",\s*(and|or|given|in light)\b", q, re.I)))),
+    (
+        "two_clauses",
+        "two-part question",
+        lambda q: float(bool(re.search(r",\s*(and|or|given|in light)\b", q, re.I))),
+    ),
     ("length", "length", _n_words),
 ]
 FEATURE_NAMES: list[str] = [name for name, _, _ in SIGNALS] + ["anchor_x_explain", "anchor_no_explain"]

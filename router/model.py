@@ -67,7 +67,10 @@ class LinearClassifier:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         arrays = {"mean": self.mean, "std": self.std, "weight": self.weight, "bias": self.bias}
-        save_file({k: np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()}, d / f"{name}.safetensors")
+        save_file(
+            {k: np.ascontiguousarray(v, dtype=np.float64) for k, v in arrays.items()},
+            d / f"{name}.safetensors",
+        )
         info = {"classes": self.classes, "temperature": self.temperature, "meta": self.meta}
         (d / f"{name}.json").write_text(json.dumps(info, indent=2))
 
@@ -78,7 +81,9 @@ class LinearClassifier:
         d = Path(directory)
         for p in (d / f"{name}.safetensors", d / f"{name}.json"):
             if not p.is_file():
-                raise FileNotFoundError(f"router weights missing: {p} (train with `python -m router.train_default`)")
+                raise FileNotFoundError(
+                    f"router weights missing: {p} (train with `python -m router.train_default`)"
+                )
         t = load_file(d / f"{name}.safetensors")
         info = json.loads((d / f"{name}.json").read_text())
         return cls(
@@ -130,7 +135,9 @@ def fit_logreg(
     t = torch.from_numpy(y.astype(np.int64))
     w = torch.zeros(n_classes, z.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
-    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, line_search_fn="strong_wolfe")
+    opt = torch.optim.LBFGS(
+        [w, b], lr=1.0, max_iter=max_iter, tolerance_grad=1e-9, line_search_fn="strong_wolfe"
+    )
 
     def closure() -> torch.Tensor:
         opt.zero_grad()
@@ -178,7 +185,9 @@ def fit_classifier(
     assert x.ndim == 2 and len(x) == len(y), f"features {x.shape} vs labels {len(y)}"
     counts = np.bincount(y, minlength=n_classes)
     if counts.min() < cfg.n_folds:
-        raise ValueError(f"need >= {cfg.n_folds} examples per route to fit, got {dict(zip(classes, counts.tolist()))}")
+        raise ValueError(
+            f"need >= {cfg.n_folds} examples per route to fit, got {dict(zip(classes, counts.tolist(), strict=True))}"
+        )
     best: tuple[float, float, np.ndarray] | None = None
     for l2 in cfg.l2_grid:
         oof = _oof_logits(x, y, n_classes, l2, cfg)
@@ -200,5 +209,11 @@ def fit_classifier(
     }
     log.info("router classifier fit: %s", report)
     return LinearClassifier(
-        classes=list(classes), mean=mean, std=std, weight=w, bias=b, temperature=temperature, meta={"fit": report}
+        classes=list(classes),
+        mean=mean,
+        std=std,
+        weight=w,
+        bias=b,
+        temperature=temperature,
+        meta={"fit": report},
     )

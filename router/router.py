@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -144,19 +145,29 @@ class Router:
         self.rules = _as_rules(rules)
         self.classifier = classifier
         self._embedder = embedder
+        self._lock = threading.Lock()  # lazy embedder load is shared by concurrent route() calls
         if classifier is not None:
-            assert set(classifier.classes) == set(ROUTES), f"classifier classes {classifier.classes} != {ROUTES}"
+            assert set(classifier.classes) == set(ROUTES), (
+                f"classifier classes {classifier.classes} != {ROUTES}"
+            )
 
     # ------------------------------------------------------------------ features
     @property
     def embedder(self) -> TextEncoder:
-        if self._embedder is None:
-            try:
-                from retrieval.embedder import Embedder
-            except ImportError as e:
-                raise ImportError(f"the router's embedding classifier needs: pip install 'ttt-rag[retrieval]' ({e})") from e
-            self._embedder = Embedder.default()
+        with self._lock:
+            if self._embedder is None:
+                self._embedder = self._default_embedder()
         return self._embedder
+
+    @staticmethod
+    def _default_embedder() -> TextEncoder:
+        try:
+            from retrieval.embedder import Embedder
+        except ImportError as e:
+            raise ImportError(
+                f"the router's embedding classifier needs: pip install 'ttt-rag[retrieval]' ({e})"
+            ) from e
+        return Embedder.default()
 
     def features(self, questions: list[str]) -> np.ndarray:
         """(N, 384 + F): L2-normalised sentence embedding, then the rule signals."""
@@ -177,7 +188,9 @@ class Router:
         todo = [i for i, d in enumerate(out) if d is None]
         if todo:
             if self.classifier is None:
-                raise RuntimeError("router has no trained classifier: use Router.load_default(), load() or fit()")
+                raise RuntimeError(
+                    "router has no trained classifier: use Router.load_default(), load() or fit()"
+                )
             probs = self.classifier.predict_proba(self.features([qs[i] for i in todo]))  # (n, C)
             for i, p in zip(todo, probs, strict=True):
                 out[i] = self._decide(qs[i], p)
@@ -187,7 +200,9 @@ class Router:
         for rule in self.rules:
             assert isinstance(rule.pattern, re.Pattern)
             if rule.pattern.search(q):
-                return RouteDecision(rule.route, 1.0, f"rule '{rule.name}' matched", {rule.route: 1.0}, rule.name)
+                return RouteDecision(
+                    rule.route, 1.0, f"rule '{rule.name}' matched", {rule.route: 1.0}, rule.name
+                )
         return None
 
     def _decide(self, q: str, p: np.ndarray) -> RouteDecision:
@@ -230,7 +245,9 @@ class Router:
         clf = LinearClassifier.load(directory)
         saved = dict(clf.meta.get("router_config", {}))
         if "classifier" in saved:
-            saved["classifier"] = ClassifierConfig(**{**saved["classifier"], "l2_grid": tuple(saved["classifier"]["l2_grid"])})
+            saved["classifier"] = ClassifierConfig(
+                **{**saved["classifier"], "l2_grid": tuple(saved["classifier"]["l2_grid"])}
+            )
         config = overrides.pop("config", None) or RouterConfig(**saved)
         rules = overrides.pop("rules", None)
         if rules is None:

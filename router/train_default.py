@@ -29,7 +29,9 @@ def train_default(out_dir: Path = DEFAULT_DIR, data: Path | None = None, seed: i
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, default=DEFAULT_DIR, help="directory for router.safetensors/router.json")
+    ap.add_argument(
+        "--out", type=Path, default=DEFAULT_DIR, help="directory for router.safetensors/router.json"
+    )
     ap.add_argument("--data", type=Path, default=None, help="labelled JSONL (default: the shipped set)")
     ap.add_argument("--seed", type=int, default=0, help="cross-validation fold seed")
     args = ap.parse_args()

@@ -22,6 +22,14 @@ def shared_path(*parts: str) -> Path:
     return p
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # Tiny test models: on a small (2-core, shared) CI machine torch's intra-op threads cost more than they
+    # give (measured 20-75x slower for small matmuls with 2 threads), and faiss's OpenMP pool fights torch's.
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("TTT_RAG_TEST_THREADS", "1")))
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     try:
         import torch

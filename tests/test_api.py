@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -269,8 +268,8 @@ def test_documents_json_ingest_update_and_delete(env: Any) -> None:
 
 def test_documents_multipart_files(env: Any) -> None:
     client, _, _ = env
-    files = [("files", ("notes.txt", "Quillfeather ink is brewed from walnut husks.".encode(), "text/plain")),
-             ("files", ("bad name!.txt", "Marrowdale bridge has nine arches.".encode(), "text/plain"))]  # fmt: skip
+    files = [("files", ("notes.txt", b"Quillfeather ink is brewed from walnut husks.", "text/plain")),
+             ("files", ("bad name!.txt", b"Marrowdale bridge has nine arches.", "text/plain"))]  # fmt: skip
     r = client.post("/v1/documents", files=files, headers=AUTH)
     assert r.status_code == 202, r.text
     ids = r.json()["document_ids"]

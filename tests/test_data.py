@@ -62,7 +62,9 @@ def _wrap_pg(body: str, title: str, old_style: bool) -> str:
     return (head + body + tail).replace("\n", "\r\n")
 
 
-def make_corpus(tmp: Path, n_books: int = 12, paragraphs: int = 12, seed: int = 0) -> tuple[Path, dict[str, str]]:
+def make_corpus(
+    tmp: Path, n_books: int = 12, paragraphs: int = 12, seed: int = 0
+) -> tuple[Path, dict[str, str]]:
     """Write tmp/corpus.tar.xz of fake PG books (CRLF, headers); return (path, {book id: expected body})."""
     rng = random.Random(seed)
     bodies = {}
@@ -99,10 +101,14 @@ def test_strip_gutenberg_both_marker_styles(tmp_path: Path) -> None:
 
 def test_real_corpus_first_books_are_stripped() -> None:
     tar = shared_path("data", "corpus", "gutenberg-top100-authors.tar.xz")
-    for b in iter_books(tar, max_books=3):
+    books = list(iter_books(tar, max_books=3))
+    for b in books:
         assert "\r" not in b.text and len(b.text) > 10_000
         assert "PROJECT GUTENBERG" not in b.text[:2000].upper(), b.id
         assert "PROJECT GUTENBERG" not in b.text[-2000:].upper(), b.id
+    text = books[0].text[:200_000]  # real prose (curly quotes, dialogue): piecewise == whole encoding
+    tok = Tokenizer.train([text], vocab_size=1000)
+    assert encode_document(tok, text, piece_chars=2000).tolist() == [0, *tok.encode(text), 1]
 
 
 def test_split_by_book_is_deterministic_disjoint_and_sized() -> None:

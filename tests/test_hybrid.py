@@ -32,6 +32,15 @@ DOCS = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread is many times faster than two on a shared 2-core CI box."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def tok():
     from ttt.tokenizer import Tokenizer
@@ -106,7 +115,9 @@ def test_reader_decodes_with_base_weights(tmp_path, model, tok):
 
 
 def test_auto_routes_lookup_and_summary(tmp_path, model, tok):
-    pytest.importorskip("sentence_transformers", reason="the shipped router needs pip install 'ttt-rag[retrieval]'")
+    pytest.importorskip(
+        "sentence_transformers", reason="the shipped router needs pip install 'ttt-rag[retrieval]'"
+    )
     rag = make_rag(tmp_path, model, tok)
     rag.ingest(DOCS)
     look = rag.answer('What is the exact code "7731" used for?', route="auto")
@@ -167,7 +178,9 @@ def test_reopen_uses_saved_memory(tmp_path, model, tok):
     reopened = make_rag(tmp_path, model, tok)
     second = reopened.answer("Describe the orchard.", route="fused")
     assert not second.memory_rebuilt and second.memory_version == first.memory_version
-    assert second.text == first.text and [s.chunk_id for s in second.sources] == [s.chunk_id for s in first.sources]
+    assert second.text == first.text and [s.chunk_id for s in second.sources] == [
+        s.chunk_id for s in first.sources
+    ]
 
 
 def test_concurrent_answers_match_sequential(tmp_path, model, tok):

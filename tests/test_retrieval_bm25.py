@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import numpy as np
@@ -72,7 +73,7 @@ def test_incremental_add_delete_equals_fresh_build() -> None:
     keep = np.ones(len(docs), dtype=bool)
     keep[[0, 7, 33, 79]] = False
     ix = ix.keep_rows(keep)
-    kept = [d for d, kk in zip(docs, keep) if kk]
+    kept = [d for d, kk in zip(docs, keep, strict=True) if kk]
     ref = BM25Okapi(kept)
     for q in QUERIES:
         got, _ = ix.get_scores(q)
@@ -135,3 +136,38 @@ def test_tokenizer_keeps_lookup_tokens() -> None:
     assert tokenize("THE The the") == ["the"] * 3
     uuid = "123E4567-E89B-12D3-A456-426614174000"
     assert uuid.lower() in tokenize(f"id={uuid}.")
+
+
+def test_search_fast_path_equals_masked_path() -> None:
+    """search_tokens' fast path (all idf > 0) and masked path (a floored term) agree with brute force."""
+    docs = _corpus(4, 200)
+    for eps, q in itertools.product((0.25, 0.0), (["w60", "w70"], ["w0", "w60"], ["w0"], ["nope"])):
+        ix, ref = BM25Index.empty(BM25Config(epsilon=eps)).add(docs), BM25Okapi(docs, epsilon=eps)
+        s = ref.get_scores(q)
+        matched = np.array([any(t in d for t in q) for d in docs])
+        want = [i for i in np.lexsort((np.arange(len(docs)), -s)) if matched[i]][:10]
+        rows, vals = ix.search_tokens(q, 10)
+        assert list(rows) == want, q
+        np.testing.assert_allclose(vals, s[want], atol=1e-6)
+
+
+def test_maxscore_pruning_is_exact() -> None:
+    """Pruned top-k (common terms looked up only for rare-term rows) equals the rank-bm25 brute force."""
+    rng = random.Random(5)
+    docs = _corpus(5, 400)
+    for i in rng.sample(range(400), 12):
+        docs[i] = docs[i] + ["needle-key", "rare"]
+    ref = BM25Okapi(docs)
+    pruned = BM25Index.empty(BM25Config(prune_df_frac=0.05)).add(docs)
+    full = BM25Index.empty(BM25Config(prune_df_frac=2.0)).add(docs)  # never prunes
+    n_pruned = 0
+    for q in (["w0", "w1", "needle-key"], ["rare", "w2", "w3", "w0"], ["w1", "rare", "w70"], ["w0", "w1"]):
+        s = ref.get_scores(q)
+        for k in (1, 5, 30):
+            n_pruned += pruned._maxscore(np.array([pruned.vocab[t] for t in q]), k) is not None
+            want = np.lexsort((np.arange(len(docs)), -s))[:k]
+            for ix in (pruned, full):
+                rows, vals = ix.search_tokens(q, k)
+                np.testing.assert_allclose(vals, s[want], atol=1e-9)
+                assert set(rows[vals > s[want][-1] + 1e-9]) <= set(want), q
+    assert n_pruned >= 3, "the pruned path must actually be exercised"

@@ -37,7 +37,7 @@ def test_chunks_cover_document_within_budget(max_tokens: int, overlap: int) -> N
     cfg = ChunkerConfig(max_tokens=max_tokens, overlap_tokens=overlap)
     cs = chunk_text("doc", text, cfg)
     assert cs[0].start == 0 and cs[-1].end == len(text.rstrip())
-    for a, b in zip(cs, cs[1:]):
+    for a, b in zip(cs, cs[1:], strict=False):
         assert b.start > a.start, "chunks must advance"
         assert not text[a.end : b.start].strip(), "only whitespace may fall between chunks"
         shared = _ntok(text[b.start : a.end])
@@ -69,13 +69,17 @@ def test_streaming_pieces_equal_one_shot() -> None:
     ref = chunk_text("d", text, ChunkerConfig(max_tokens=48, overlap_tokens=6))
     rng = random.Random(0)
     cuts = sorted(rng.sample(range(1, len(text)), 400))
-    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+    pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
     assert list(iter_chunks("d", iter(pieces), cfg)) == ref
 
 
 def test_long_unbroken_token_run_streams() -> None:
     text = "x" * 5000 + " end."  # one token longer than the window
-    cs = list(iter_chunks("d", [text[i : i + 100] for i in range(0, len(text), 100)], ChunkerConfig(window_chars=1024)))
+    cs = list(
+        iter_chunks(
+            "d", [text[i : i + 100] for i in range(0, len(text), 100)], ChunkerConfig(window_chars=1024)
+        )
+    )
     assert [c.text for c in cs] == [text]
 
 
@@ -88,8 +92,13 @@ def test_chunk_ids_stable_across_processes() -> None:
     runs = [
         json.loads(
             subprocess.run(
-                [sys.executable, "-c", code], input=text, capture_output=True, text=True, check=True,
-                cwd=REPO, env={"PYTHONHASHSEED": seed, "PATH": ""},
+                [sys.executable, "-c", code],
+                input=text,
+                capture_output=True,
+                text=True,
+                check=True,
+                cwd=REPO,
+                env={"PYTHONHASHSEED": seed, "PATH": ""},
             ).stdout
         )
         for seed in ("1", "2")

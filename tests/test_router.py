@@ -11,9 +11,17 @@ import json
 import numpy as np
 import pytest
 
-from router import ROUTES, RouteDecision, Router, RouterConfig, Rule, expected_calibration_error, load_examples
+from router import (
+    ROUTES,
+    RouteDecision,
+    Router,
+    RouterConfig,
+    Rule,
+    expected_calibration_error,
+    load_examples,
+)
 from router.features import FEATURE_NAMES, active_signals, rule_features
-from router.model import ClassifierConfig, fit_logreg, fit_temperature, softmax, stratified_folds
+from router.model import fit_logreg, fit_temperature, softmax, stratified_folds
 
 ACC_BOUND = 0.90
 ECE_BOUND = 0.08  # top-label ECE, 10 bins, on the 123-question held-out split
@@ -116,11 +124,15 @@ def test_fit_reproduces_shipped_weights(embedder: CachedEmbedder, shipped: Route
 
 
 # ---------------------------------------------------------------- persistence, fallback, rules
-def test_save_load_round_trip_identical(tmp_path, embedder: CachedEmbedder, shipped: Router, test_rows) -> None:
+def test_save_load_round_trip_identical(
+    tmp_path, embedder: CachedEmbedder, shipped: Router, test_rows
+) -> None:
     cfg = RouterConfig(confidence_threshold=0.8, route_thresholds={"lookup": 0.9})
     r1 = Router(shipped.classifier, config=cfg, rules=[(r"\bISBN\b", "lookup", "isbn")], embedder=embedder)
     r1.save(tmp_path)
-    assert json.loads((tmp_path / "router.json").read_text())["meta"]["rules"] == [[r"\bISBN\b", "lookup", "isbn"]]
+    assert json.loads((tmp_path / "router.json").read_text())["meta"]["rules"] == [
+        [r"\bISBN\b", "lookup", "isbn"]
+    ]
     r2 = Router.load(tmp_path, embedder=embedder)
     assert r2.config == cfg
     qs = [r["question"] for r in test_rows] + ["What is the ISBN of the first edition?"]
@@ -131,7 +143,11 @@ def test_fallback_threshold_triggers(embedder: CachedEmbedder, shipped: Router, 
     qs = [r["question"] for r in test_rows]
     base = shipped.route_batch(qs)
     thr = float(np.median([d.confidence for d in base]))
-    strict = Router(shipped.classifier, config=RouterConfig(confidence_threshold=thr, fallback_route="fused"), embedder=embedder)
+    strict = Router(
+        shipped.classifier,
+        config=RouterConfig(confidence_threshold=thr, fallback_route="fused"),
+        embedder=embedder,
+    )
     n_fallback = 0
     for d0, d in zip(base, strict.route_batch(qs), strict=True):
         assert d.scores == d0.scores and d.confidence == d0.confidence
@@ -141,7 +157,9 @@ def test_fallback_threshold_triggers(embedder: CachedEmbedder, shipped: Router, 
         else:
             assert not d.fallback and d.route == d0.route
     assert n_fallback > 0, "a median threshold must send some questions to the fallback"
-    lookup_only = RouterConfig(confidence_threshold=0.0, route_thresholds={"lookup": 1.0}, fallback_route="comprehension")
+    lookup_only = RouterConfig(
+        confidence_threshold=0.0, route_thresholds={"lookup": 1.0}, fallback_route="comprehension"
+    )
     r = Router(shipped.classifier, config=lookup_only, embedder=embedder)
     d = r.route("What is the model number of the dishwasher?")
     assert d.route == "comprehension" and d.fallback and d.scores["lookup"] == max(d.scores.values())
@@ -160,7 +178,10 @@ def test_rules_take_precedence(embedder: CachedEmbedder, shipped: Router) -> Non
 
 
 # ---------------------------------------------------------------- bad input
-@pytest.mark.parametrize("bad, exc", [("", ValueError), ("   \n", ValueError), (None, TypeError), (42, TypeError), (b"why", TypeError)])
+@pytest.mark.parametrize(
+    "bad, exc",
+    [("", ValueError), ("   \n", ValueError), (None, TypeError), (42, TypeError), (b"why", TypeError)],
+)
 def test_bad_question_rejected(shipped: Router, bad: object, exc: type[Exception]) -> None:
     with pytest.raises(exc, match="question"):
         shipped.route(bad)  # type: ignore[arg-type]
@@ -183,6 +204,8 @@ def test_bad_configuration_rejected(embedder: CachedEmbedder) -> None:
         Router(embedder=embedder).fit([("What is it?", "lookup"), ("Why?", "reasoning")])
     with pytest.raises(ValueError, match="example 0: question is empty"):
         Router(embedder=embedder).fit([{"question": "", "route": "lookup"}])
+    with pytest.raises(ValueError, match="examples per route"):
+        Router(embedder=embedder).fit([("What is the port?", "lookup"), ("Summarize it.", "comprehension")])
 
 
 # ---------------------------------------------------------------- classifier math vs references
@@ -207,7 +230,9 @@ def test_temperature_matches_scipy_minimiser() -> None:
 
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(200, 3)) * 4
-    y = np.where(rng.uniform(size=200) < 0.7, logits.argmax(1), rng.integers(0, 3, 200))  # overconfident logits
+    y = np.where(
+        rng.uniform(size=200) < 0.7, logits.argmax(1), rng.integers(0, 3, 200)
+    )  # overconfident logits
 
     def nll(t: float) -> float:
         return float(-np.log(softmax(logits / t)[np.arange(200), y]).mean())
@@ -236,7 +261,13 @@ def test_stratified_folds_partition() -> None:
 
 
 def test_rule_signals() -> None:
-    f = dict(zip(FEATURE_NAMES, rule_features(['What does "exit 3" mean for run 3f2a9c1e-7b4d-4e8a-9f10-2c6d5e7a8b9c?'])[0], strict=True))
+    f = dict(
+        zip(
+            FEATURE_NAMES,
+            rule_features(['What does "exit 3" mean for run 3f2a9c1e-7b4d-4e8a-9f10-2c6d5e7a8b9c?'])[0],
+            strict=True,
+        )
+    )
     assert f["quoted"] == f["uuid"] == f["number"] == f["explain_cue"] == f["anchor_x_explain"] == 1.0
     assert f["anchor_no_explain"] == 0.0
     g = dict(zip(FEATURE_NAMES, rule_features(["Summarize Darcy's letters overall"])[0], strict=True))

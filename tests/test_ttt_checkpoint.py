@@ -106,7 +106,9 @@ def test_convert_hf_cli_writes_a_loadable_checkpoint(tmp_path) -> None:
     from cli.main import app
 
     hf = _tiny_llama(tmp_path / "hf")
-    res = CliRunner().invoke(app, ["convert-hf", str(tmp_path / "hf"), str(tmp_path / "out"), "--n-ttt-layers", "1"])
+    res = CliRunner().invoke(
+        app, ["convert-hf", str(tmp_path / "hf"), str(tmp_path / "out"), "--n-ttt-layers", "1"]
+    )
     assert res.exit_code == 0, res.output
     m = TTTModel.from_pretrained(tmp_path / "out")
     assert m.cfg.n_ttt_layers == 1 and m.cfg.window is None

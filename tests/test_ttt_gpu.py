@@ -16,7 +16,7 @@ from ttt import ModelConfig, TTTModel
 def test_meta_loss_backward_and_prefill_on_cuda() -> None:
     name = os.environ.get("TTT_GPU_PRESET", "debug")
     T = int(os.environ.get("TTT_GPU_T", "1024"))
-    cfg = ModelConfig.from_name(name, **({"vocab_size": 512} if name == "debug" else {}))
+    cfg = ModelConfig.from_name(name)
     torch.manual_seed(0)
     m = TTTModel(cfg).cuda()
     x = torch.randint(0, cfg.vocab_size, (1, T + 1), device="cuda")

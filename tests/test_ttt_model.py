@@ -135,3 +135,15 @@ def test_bad_tokens_are_rejected() -> None:
             window=None,
             backend="x",
         )
+
+
+def test_sdpa_query_blocking_matches_brute_force(monkeypatch) -> None:
+    import ttt.attention as A
+
+    monkeypatch.setattr(A, "SDPA_QUERY_BLOCK", 3)
+    g = torch.Generator().manual_seed(7)
+    for tq, tk, window in [(11, 11, 4), (10, 15, 2), (8, 8, 1), (7, 20, 6)]:
+        q = torch.randn(1, 2, tq, 4, generator=g, dtype=torch.float64)
+        k, v = (torch.randn(1, 1, tk, 4, generator=g, dtype=torch.float64) for _ in range(2))
+        out = attention(q, k, v, window=window, backend="sdpa")
+        torch.testing.assert_close(out, _brute(q, k, v, window), rtol=1e-10, atol=1e-10)

@@ -28,6 +28,9 @@ except Exception:  # pragma: no cover - flash-attn absent on CPU machines
     FLASH_ATTN_AVAILABLE = False
 
 BACKENDS = ("auto", "math", "sdpa", "flash")
+# sdpa with a band mask runs query blocks of this size, so the boolean mask stays (block, block + window)
+# instead of (T, T); the GPU fast path (FlexAttention) can replace this
+SDPA_QUERY_BLOCK = 4096
 
 
 def band_mask(tq: int, tk: int, window: int | None, device: torch.device | None = None) -> torch.Tensor:
@@ -70,6 +73,15 @@ def _sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: i
         from torch.nn.attention.bias import causal_lower_right
 
         return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(tq, tk), enable_gqa=gqa)
+    blk = max(256, min(window, SDPA_QUERY_BLOCK)) if SDPA_QUERY_BLOCK >= 256 else SDPA_QUERY_BLOCK
+    if tq > blk:  # bound the explicit mask: query blocks against only the keys they can see
+        outs = []
+        for s in range(0, tq, blk):
+            e = min(s + blk, tq)
+            k_hi = tk - tq + e  # keys up to the block's last query
+            k_lo = max(0, k_hi - (e - s) - window + 1)  # and back to its first query's window
+            outs.append(_sdpa_attention(q[:, :, s:e], k[:, :, k_lo:k_hi], v[:, :, k_lo:k_hi], window))
+        return torch.cat(outs, dim=2)
     mask = band_mask(tq, tk, window, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 

@@ -21,6 +21,15 @@ _PAPER_SHAPES: dict[str, tuple[int, int, int, int, int, int]] = {
     "3b": (32, 2560, 32, 6912, 5632, 8),
 }
 
+# Our own scaled-down presets. ``ref``: the shipped reference model (issue 5; models/README.md says why):
+# paper ratios kept (L/4 TTT blocks, E2E MLP ~0.8x the FA width, k/b = 4), window 512, chunk 128,
+# trained at 4K tokens = 8 windows; 17.5M parameters = 35 MB in bf16.
+_OUR_PRESETS: dict[str, dict[str, Any]] = {
+    "ref": dict(vocab_size=8192, d_model=384, n_layers=8, n_heads=6, mlp_hidden=832, n_ttt_layers=2,
+                window=512, ttt_chunk=128, rope_theta=10000.0),
+}  # fmt: skip
+_FA_WIDTHS: dict[str, int] = {"ref": 1024} | {k: v[3] for k, v in _PAPER_SHAPES.items()}
+
 
 @dataclass(kw_only=True)
 class ModelConfig:
@@ -103,13 +112,15 @@ class ModelConfig:
 
     @classmethod
     def from_name(cls, name: str, **overrides: Any) -> ModelConfig:
-        """Preset by name: ``debug`` or one of the paper's E2E shapes ``125m 350m 760m 1b 3b``."""
+        """Preset by name: ``debug``, ``ref`` (the shipped reference model) or a paper E2E shape ``125m`` ... ``3b``."""
         if name == "debug":
             base: dict[str, Any] = dict(
                 vocab_size=512, d_model=64, n_layers=4, n_heads=4, mlp_hidden=128,
                 n_ttt_layers=1, window=64, ttt_chunk=16, ttt_lr=1.0, ttt_clip=1.0,
                 rope_theta=10000.0,
             )  # fmt: skip
+        elif name in _OUR_PRESETS:
+            base = dict(_OUR_PRESETS[name])
         elif name in _PAPER_SHAPES:
             n_layers, d, heads, _fa, e2e, suffix = _PAPER_SHAPES[name]
             base = dict(d_model=d, n_layers=n_layers, n_heads=heads, mlp_hidden=e2e, n_ttt_layers=suffix)
@@ -130,8 +141,8 @@ class ModelConfig:
 
 
 def _fa_width(name: str) -> dict[str, Any]:
-    return {"mlp_hidden": _PAPER_SHAPES[name][3]} if name in _PAPER_SHAPES else {}
+    return {"mlp_hidden": _FA_WIDTHS[name]} if name in _FA_WIDTHS else {}
 
 
 def preset_names() -> list[str]:
-    return ["debug", *_PAPER_SHAPES]
+    return ["debug", *_OUR_PRESETS, *_PAPER_SHAPES]

@@ -131,7 +131,9 @@ def _hash01(book_id: str) -> float:
 def split_books(book_ids: list[str], val_frac: float = 0.025, min_val_books: int = 8) -> dict[str, str]:
     """book id -> "train" | "val": the ``max(min_val_books, #hash < val_frac)`` lowest-hash books are val."""
     if len(book_ids) <= min_val_books:
-        raise ValueError(f"need more than {min_val_books} books to hold {min_val_books} out, got {len(book_ids)}")
+        raise ValueError(
+            f"need more than {min_val_books} books to hold {min_val_books} out, got {len(book_ids)}"
+        )
     ranked = sorted(set(book_ids), key=_hash01)
     n_val = max(min_val_books, sum(_hash01(b) < val_frac for b in ranked))
     val = set(ranked[:n_val])
@@ -318,7 +320,9 @@ class TokenStream:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
         index = load_index(data_dir)
         self.index = index
-        self.arrays = [np.load(Path(data_dir) / s["file"], mmap_mode="r") for s in index["splits"][split]["shards"]]
+        self.arrays = [
+            np.load(Path(data_dir) / s["file"], mmap_mode="r") for s in index["splits"][split]["shards"]
+        ]
         self.offsets = np.cumsum([0] + [len(a) for a in self.arrays])
 
     def __len__(self) -> int:
@@ -400,9 +404,7 @@ class SequenceLoader:
         self.position = int(state["position"])
 
 
-def train_tokenizer(
-    tar_path: str | Path, vocab_size: int = 8192, cfg: DataConfig | None = None
-) -> Tokenizer:
+def train_tokenizer(tar_path: str | Path, vocab_size: int = 8192, cfg: DataConfig | None = None) -> Tokenizer:
     """Train the BPE tokenizer on the TRAINING books only (validation books never seen)."""
     cfg = cfg or DataConfig()
     split = split_books(list_book_ids(tar_path), cfg.val_frac, cfg.min_val_books)

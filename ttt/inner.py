@@ -190,7 +190,9 @@ def prefill(
             logits = run.extend(seg_h, seg_tok)
         n_score = min(take, T - t - 1)  # logits[:, j] predicts tokens[:, t + j + 1]
         if n_score > 0:
-            nll[:, t + 1 : t + 1 + n_score] = token_nll(logits[:, :n_score], tokens[:, t + 1 : t + 1 + n_score])
+            nll[:, t + 1 : t + 1 + n_score] = token_nll(
+                logits[:, :n_score], tokens[:, t + 1 : t + 1 + n_score]
+            )
         run.last_logits = logits[:, -1]
         t += take
     new = TTTState(fast=run.fast, kv=pre_kv + run.kv, pending_h=run.pending_h, pending_tokens=run.pending_tok,

@@ -46,7 +46,15 @@ log = logging.getLogger(__name__)
 MODES = ("e2e", "fa", "swa")
 CKPT_FILE, CONFIG_FILE, LOG_FILE = "ckpt.pt", "train_config.json", "log.jsonl"
 # TrainConfig fields that may change between resumed commands (everything else must match the checkpoint)
-_RESUMABLE_CHANGES = {"max_minutes", "device", "ckpt_every", "eval_every", "eval_batches", "log_every", "progress"}
+_RESUMABLE_CHANGES = {
+    "max_minutes",
+    "device",
+    "ckpt_every",
+    "eval_every",
+    "eval_batches",
+    "log_every",
+    "progress",
+}
 
 
 @dataclass(kw_only=True)
@@ -69,6 +77,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     ilr_init: float = 0.1  # inner-lr multiplier at step 0 (e2e only)
     ilr_warmup_frac: float = 0.1  # ... ramps linearly to 1.0 over this share of steps
+    init_from: str | None = None  # model dir (save_pretrained) to start from when run_dir has no ckpt.pt
     inner_checkpoint: bool = False  # meta_loss(checkpoint=True): recompute chunks in backward (less memory)
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when available
@@ -143,7 +152,9 @@ def token_nll(model: TTTModel, tokens: torch.Tensor) -> torch.Tensor:
         return model.prefill(tokens).token_nll[:, 1:].float()
     logits = model(tokens[:, :-1])  # (B, T, V)
     B, T, V = logits.shape  # flattened: the (B, V, T) layout hits CUDA's slow strided softmax
-    return F.cross_entropy(logits.float().reshape(B * T, V), tokens[:, 1:].reshape(-1), reduction="none").view(B, T)
+    return F.cross_entropy(
+        logits.float().reshape(B * T, V), tokens[:, 1:].reshape(-1), reduction="none"
+    ).view(B, T)
 
 
 def lm_loss(model: TTTModel, tokens: torch.Tensor) -> torch.Tensor:
@@ -214,7 +225,9 @@ def _check_resume_config(run_dir: Path, cfg: TrainConfig) -> None:
     if path.is_file():
         old = json.loads(path.read_text())
         new = json.loads(json.dumps(cfg.to_dict()))
-        diff = sorted(k for k in set(old) | set(new) if k not in _RESUMABLE_CHANGES and old.get(k) != new.get(k))
+        diff = sorted(
+            k for k in set(old) | set(new) if k not in _RESUMABLE_CHANGES and old.get(k) != new.get(k)
+        )
         if diff and (run_dir / CKPT_FILE).is_file():
             raise ValueError(f"{run_dir} holds a run with a different config ({diff}); use a new run_dir")
     path.write_text(json.dumps(cfg.to_dict(), indent=2))
@@ -264,7 +277,9 @@ def _setup(cfg: TrainConfig, run_dir: Path) -> _Run:
     tok = Tokenizer.from_pretrained(cfg.data_dir)
     index = load_index(cfg.data_dir)
     if index["tokenizer_sha256"] != tok.sha256():
-        raise ValueError(f"{cfg.data_dir}: tokenizer.json does not match the tokenizer the shards were built with")
+        raise ValueError(
+            f"{cfg.data_dir}: tokenizer.json does not match the tokenizer the shards were built with"
+        )
     device = _resolve_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -280,9 +295,13 @@ def _setup(cfg: TrainConfig, run_dir: Path) -> _Run:
     val_batches: list[torch.Tensor] = []
     if cfg.eval_batches > 0:
         val = SequenceLoader(cfg.data_dir, "val", cfg.seq_len, cfg.batch_size, shuffle=False)
-        val_batches = [val.next_batch() for _ in range(min(cfg.eval_batches, val.n_windows // cfg.batch_size or 1))]
+        val_batches = [
+            val.next_batch() for _ in range(min(cfg.eval_batches, val.n_windows // cfg.batch_size or 1))
+        ]
     run = _Run(cfg, run_dir, device, tok, model, opt, loader, val_batches)
     ckpt_path = run_dir / CKPT_FILE
+    if cfg.init_from and not ckpt_path.is_file():
+        _init_weights(model, Path(cfg.init_from))
     if ckpt_path.is_file():
         ck = torch.load(ckpt_path, map_location=device, weights_only=False)
         model.load_state_dict(ck["model"])
@@ -296,6 +315,15 @@ def _setup(cfg: TrainConfig, run_dir: Path) -> _Run:
     n_params = sum(p.numel() for p in model.parameters())
     log.info("model %s mode=%s params=%.2fM device=%s", cfg.model, cfg.mode, n_params / 1e6, device)
     return run
+
+
+def _init_weights(model: TTTModel, src: Path) -> None:
+    """Copy weights from an exported model dir (e.g. a bf16 export after the device was lost); fresh optimizer."""
+    ref = TTTModel.from_pretrained(src, dtype=torch.float32)
+    if ref.cfg.to_dict() != model.cfg.to_dict():
+        raise ValueError(f"init_from {src}: its config differs from this run's model config")
+    model.load_state_dict(ref.state_dict())
+    log.info("initialised weights from %s", src)
 
 
 def train_step(run: _Run) -> tuple[float, float]:
@@ -324,7 +352,7 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, stop_after: int | None = Non
     from tqdm.auto import tqdm
 
     run = _setup(cfg, Path(run_dir))
-    t0 = time.perf_counter()
+    start_step, t0 = run.step, time.perf_counter()
     budget = None if cfg.max_minutes is None else cfg.max_minutes * 60.0
     step_s, ckpt_s, eval_s, loss = 0.0, 0.0, 0.0, None
     logf = (run.run_dir / LOG_FILE).open("a")
@@ -338,7 +366,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, stop_after: int | None = Non
             ts = time.perf_counter()
             loss, gnorm = train_step(run)
             run.step += 1
-            step_s = time.perf_counter() - ts if step_s == 0 else 0.9 * step_s + 0.1 * (time.perf_counter() - ts)
+            step_s = (
+                time.perf_counter() - ts if step_s == 0 else 0.9 * step_s + 0.1 * (time.perf_counter() - ts)
+            )
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
             rec = _log_record(run, loss, gnorm, t0)
@@ -353,7 +383,10 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, stop_after: int | None = Non
                 tc = time.perf_counter()
                 save_checkpoint(run.run_dir, run.payload(time.perf_counter() - t0))
                 ckpt_s = time.perf_counter() - tc
-        if run.step >= cfg.steps and run.val_batches and cfg.eval_every == 0:
+        evaluated_now = bool(cfg.eval_every) and run.step % cfg.eval_every == 0
+        if (
+            run.step >= cfg.steps and run.step > start_step and run.val_batches and not evaluated_now
+        ):  # always end with a val loss
             run.val_loss = evaluate(run.model, run.val_batches, run.device, cfg.bf16)
             logf.write(json.dumps({"step": run.step, "val_loss": run.val_loss}) + "\n")
         save_checkpoint(run.run_dir, run.payload(time.perf_counter() - t0))
@@ -361,7 +394,9 @@ def train(cfg: TrainConfig, run_dir: str | Path, *, stop_after: int | None = Non
         bar.close()
         logf.close()
     elapsed = run.elapsed_s + time.perf_counter() - t0
-    return TrainResult(run.run_dir, run.step, run.step >= cfg.steps, loss, run.val_loss, run.tokens_seen, elapsed)
+    return TrainResult(
+        run.run_dir, run.step, run.step >= cfg.steps, loss, run.val_loss, run.tokens_seen, elapsed
+    )
 
 
 def _log_record(run: _Run, loss: float, gnorm: float, t0: float) -> dict[str, Any]:

@@ -42,7 +42,7 @@ def sse(event: str, data: dict[str, Any]) -> str:
             "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
             "description": "JSON answer, or an SSE stream when `stream` is true",
         },
-        **errors(401, 409, 413, 422, 503, 504),
+        **errors(400, 401, 409, 413, 422, 503, 504),
     },
 )
 async def answer(body: AnswerRequest, svc: ReadyDep, request: Request) -> Any:

@@ -74,7 +74,7 @@ def _finish(answer: Any, max_tokens: int | None) -> str:
             "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
             "description": "a chat completion, or SSE `data:` chunks ending in `data: [DONE]`",
         },
-        **errors(401, 404, 409, 413, 422, 503, 504),
+        **errors(400, 401, 404, 409, 413, 422, 503, 504),
     },
 )
 async def chat_completions(body: ChatCompletionRequest, svc: ReadyDep) -> Any:

@@ -133,7 +133,9 @@ def _question_of(spec: TaskSpec, inp: str, custom: CustomNeedle | None) -> str:
     return inp.rstrip().rsplit("\n", 1)[-1]  # RULER / lowlex: the question is the last line of the input
 
 
-def _segments_fn(spec: TaskSpec, corpus: Corpus | None, plan: _Plan) -> tuple[Callable[[int], list[str]], str]:
+def _segments_fn(
+    spec: TaskSpec, corpus: Corpus | None, plan: _Plan
+) -> tuple[Callable[[int], list[str]], str]:
     """``n units -> haystack segments`` and the joiner, for the task's haystack kind."""
     if spec.haystack == "needle":
         assert plan.line_gen is not None, "needle haystack without a distractor generator"
@@ -165,6 +167,13 @@ def _assemble(
     return inp, prefix, offsets, context
 
 
+def _token_lengths(tokenizer: TokenizerLike, texts: list[str]) -> list[int]:
+    batch = getattr(tokenizer, "encode_batch", None)  # ttt.tokenizer.Tokenizer: one Rust call
+    if batch is not None and texts:
+        return [len(ids) for ids in batch(texts)]
+    return [len(tokenizer.encode(t)) for t in texts]
+
+
 def build_sample(
     spec: TaskSpec,
     *,
@@ -190,7 +199,7 @@ def build_sample(
     n = fit_units(n_tok, target_length, guess=guess)
     while True:  # exact placement by token depth; shrink in the rare case it tokenizes longer
         segs = seg_fn(n)
-        seg_tokens = [len(tokenizer.encode(s + joiner)) for s in segs]
+        seg_tokens = _token_lengths(tokenizer, [s + joiner for s in segs])
         inp, prefix, offsets, context = _assemble(plan, segs, joiner, seg_tokens)
         n_tokens = len(tokenizer.encode(inp + prefix))
         if n_tokens <= target_length or n == 0:
@@ -210,6 +219,8 @@ def build_sample(
         n_tokens=n_tokens,
         needle_token_pos=len(tokenizer.encode(inp[: offsets[0]])),
         n_units=n,
+        context_token_start=len(tokenizer.encode(inp[: inp.find(context)])),
+        context_n_tokens=len(tokenizer.encode(context)),
         extra={"needle_char_offsets": offsets, "haystack": spec.haystack},
     )
 

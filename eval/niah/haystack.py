@@ -154,8 +154,10 @@ def fit_units(
     and widens only when needed, so most samples cost a handful of tokenizations.
     """
     if n_tokens(lo) > target:
-        raise ValueError(f"target length {target} is too short: the prompt without haystack already has "
-                         f"{n_tokens(lo)} tokens")
+        raise ValueError(
+            f"target length {target} is too short: the prompt without haystack already has "
+            f"{n_tokens(lo)} tokens"
+        )
     if guess is not None:
         a, b = max(lo, guess - 64), guess + 64
         if (hi is None or b <= hi) and n_tokens(a) <= target < n_tokens(b):

@@ -44,7 +44,12 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
     for (s, t, d, n), v in sorted(by_heat.items()):
         heat[s][t].setdefault(f"{d:g}", {})[str(n)] = _mean(v)
     latency = {s: round(sum(v) / len(v), 4) for s, v in lat.items()}
-    return {"scores": _plain(scores), "inside_outside": _plain(io), "heatmap": _plain(heat), "mean_latency_s": latency}
+    return {
+        "scores": _plain(scores),
+        "inside_outside": _plain(io),
+        "heatmap": _plain(heat),
+        "mean_latency_s": latency,
+    }
 
 
 def _plain(d: Any) -> Any:
@@ -74,7 +79,9 @@ def summary_md(agg: dict[str, Any], meta: dict[str, Any]) -> str:
     lines += ["| system | task | inside | outside |", "|---|---|---:|---:|"]
     for s, tasks in agg["inside_outside"].items():
         for t, io in tasks.items():
-            cells = [f"{_fmt(io[k]['score'])} (n={io[k]['n']})" if k in io else "-" for k in ("inside", "outside")]
+            cells = [
+                f"{_fmt(io[k]['score'])} (n={io[k]['n']})" if k in io else "-" for k in ("inside", "outside")
+            ]
             lines.append(f"| {s} | {t} | " + " | ".join(cells) + " |")
     lines += ["", "## Mean latency per prediction (s)", "", "| system | latency |", "|---|---:|"]
     lines += [f"| {s} | {v} |" for s, v in agg["mean_latency_s"].items()]

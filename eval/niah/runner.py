@@ -119,7 +119,7 @@ def _record(s: Sample, system: str, window: int | None) -> dict[str, Any]:
     return {
         "task": s.task, "system": system, "length": s.target_length, "n_tokens": s.n_tokens,
         "depth": s.depth, "index": s.index, "needle_token_pos": s.needle_token_pos,
-        "needle_frac": round(s.needle_token_pos / max(1, s.n_tokens), 4), "window": window,
+        "needle_depth": round(s.needle_depth, 2), "window": window,
         "inside_window": window is None or dist <= window, "outputs": s.outputs, "sample_hash": sample_hash(s),
     }  # fmt: skip
 
@@ -129,8 +129,12 @@ def run_one(systems: Systems, name: str, s: Sample, window: int | None, device: 
     reason = systems.skip_reason(name, s)
     if reason:
         return rec | {"skipped": reason, "score": None, "prediction": None}
-    with _Meter(device) as m:
-        pred = systems.predict(name, s)
+    try:
+        with _Meter(device) as m:
+            pred = systems.predict(name, s)
+    except ValueError as e:  # e.g. the hybrid reader rejects a question longer than its window
+        log.warning("%s failed on %s/%s/%s: %s", name, s.task, s.target_length, s.index, e)
+        return rec | {"skipped": f"error: {e}", "score": None, "prediction": None}
     return rec | {
         "skipped": None,
         "prediction": pred.text[:1000],
@@ -179,7 +183,12 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     finally:
         bar.close()
         systems.close()
-    wanted = {_key(s.task, n, s.target_length, s.depth, s.index) for ss in samples_by_task.values() for s in ss for n in cfg.systems}
+    wanted = {
+        _key(s.task, n, s.target_length, s.depth, s.index)
+        for ss in samples_by_task.values()
+        for s in ss
+        for n in cfg.systems
+    }
     records = [r for k, r in done.items() if k in wanted]
     data = {
         "dataset_hash": {t: dataset_hash(ss) for t, ss in samples_by_task.items()},

@@ -7,7 +7,7 @@
 * ``retrieval`` BM25 + dense (RRF) top-k chunks of the haystack replace it in the prompt; the model reads that.
 * ``bm25`` / ``dense`` recall@k only: the score is string_match_all of the references against the top-k text.
 * ``regex`` the value-pattern baseline (7 digits / UUID), capped at the number of requested answers.
-* ``hybrid`` / ``fused`` ``HybridRAG`` over a fresh store with ``route="auto"`` / ``route="fused"``.
+* ``hybrid`` / ``fused`` ``HybridRAG`` (the loaded model, a fresh store) with ``route="auto"`` / ``"fused"``.
 """
 
 from __future__ import annotations
@@ -103,7 +103,8 @@ class LMRunner:
 class _IndexCache:
     """One fresh retrieval index per sample, shared by bm25/dense/retrieval on that sample only."""
 
-    def __init__(self) -> None:
+    def __init__(self, dense: bool) -> None:
+        self.dense = dense
         self._key: tuple | None = None
         self._idx: Any = None
         self._dir: str | None = None
@@ -116,9 +117,10 @@ class _IndexCache:
             from retrieval.embedder import Embedder
 
             self.close()
-            self._embedder = self._embedder or Embedder.default()
+            if self.dense and self._embedder is None:
+                self._embedder = Embedder.default()
             self._dir = tempfile.mkdtemp(prefix="niah-idx-")
-            self._idx = Index.create(Path(self._dir) / "store", embedder=self._embedder)
+            self._idx = Index.create(Path(self._dir) / "store", dense=self.dense, embedder=self._embedder)
             self._idx.add([("haystack", s.context)])
             self._key = key
         return self._idx
@@ -142,8 +144,9 @@ class Systems:
             raise ValueError(f"unknown systems {unknown}; choose from {list(SYSTEMS)}")
         self.cfg, self.names = cfg, names
         self._lm: LMRunner | None = None
-        self._index = _IndexCache()
-        self._hybrid_tmp: str | None = None
+        self._index = _IndexCache(dense=bool({"dense", "retrieval"} & set(names)))
+        self._router: Any = None
+        self._embedder: Any = None
 
     @property
     def lm(self) -> LMRunner:
@@ -202,15 +205,23 @@ class Systems:
         return Prediction(text=self.lm.generate(prompt, "ttt"), extra={"chunks": [h.chunk.id for h in hits]})
 
     def _hybrid(self, s: Sample, route: str) -> Prediction:
-        from hybrid import HybridRAG
+        """A fresh ``HybridRAG`` (new store: index + TTT memory) around the already loaded model and router."""
+        from hybrid.rag import HybridRAG
+        from retrieval import Index
+        from retrieval.embedder import Embedder
+        from router import Router
 
-        if self.cfg.model_dir is None:
-            raise ValueError("systems hybrid/fused need a trained checkpoint: pass --model DIR")
+        if self._router is None:
+            self._router = Router.load_default()
+            self._embedder = Embedder.default()
         tmp = tempfile.mkdtemp(prefix="niah-hybrid-")
         try:
-            rag = HybridRAG.from_pretrained(self.cfg.model_dir, Path(tmp) / "store")
+            index = Index.create(Path(tmp) / "store", embedder=self._embedder)
+            rag = HybridRAG(self.lm.variant("ttt"), self.lm.tokenizer, index, router=self._router)
             rag.ingest([("haystack", s.context)])
-            ans = rag.answer(s.question, route=route, top_k=self.cfg.top_k, max_new_tokens=self.cfg.max_new_tokens)
+            ans = rag.answer(
+                s.question, route=route, top_k=self.cfg.top_k, max_new_tokens=self.cfg.max_new_tokens
+            )
             return Prediction(text=ans.text, extra={"route": ans.route})
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

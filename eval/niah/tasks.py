@@ -17,14 +17,6 @@ from dataclasses import asdict, dataclass, field
 from functools import cache
 from pathlib import Path
 
-from eval.niah.haystack import (
-    Corpus,
-    TokenizerLike,
-    boundary_for_depth,
-    fit_units,
-    insert_at_boundaries,
-)
-
 # ---- exact strings (RULER / gkamradt) ---------------------------------------------------------------------
 RULER_NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
 RULER_TEMPLATE = (
@@ -102,16 +94,24 @@ TASKS: dict[str, TaskSpec] = {
     for t in [
         TaskSpec(name="s-niah-1", family="ruler", haystack="noise", ruler_name="niah_single_1"),
         TaskSpec(name="s-niah-2", family="ruler", haystack="essay", ruler_name="niah_single_2"),
-        TaskSpec(name="s-niah-3", family="ruler", haystack="essay", type_v="uuids", ruler_name="niah_single_3"),
+        TaskSpec(
+            name="s-niah-3", family="ruler", haystack="essay", type_v="uuids", ruler_name="niah_single_3"
+        ),
         TaskSpec(name="mk-niah-1", family="ruler", haystack="essay", num_k=4, ruler_name="niah_multikey_1"),
         TaskSpec(name="mk-niah-2", family="ruler", haystack="needle", ruler_name="niah_multikey_2"),
         TaskSpec(
-            name="mk-niah-3", family="ruler", haystack="needle", type_k="uuids", type_v="uuids",
+            name="mk-niah-3",
+            family="ruler",
+            haystack="needle",
+            type_k="uuids",
+            type_v="uuids",
             ruler_name="niah_multikey_3",
         ),  # fmt: skip
         TaskSpec(name="mv-niah", family="ruler", haystack="essay", num_v=4, ruler_name="niah_multivalue"),
         # num_needle_k is raised to max(k, q) = 4 (RULER niah.py:77)
-        TaskSpec(name="mq-niah", family="ruler", haystack="essay", num_k=4, num_q=4, ruler_name="niah_multiquery"),
+        TaskSpec(
+            name="mq-niah", family="ruler", haystack="essay", num_k=4, num_q=4, ruler_name="niah_multiquery"
+        ),
         TaskSpec(name="gk-niah", family="gkamradt", haystack="essay"),
         TaskSpec(name="lowlex-niah", family="lowlex", haystack="essay", num_k=4),
         TaskSpec(name="custom", family="custom", haystack="essay"),
@@ -144,11 +144,18 @@ class Sample:
     n_tokens: int = 0  # token length of ``prompt`` under the model's tokenizer
     needle_token_pos: int = -1  # token index where the first queried needle starts in ``prompt``
     n_units: int = 0  # haystack size in units (word pieces or distractor lines)
+    context_token_start: int = 0  # token index where the haystack starts in ``prompt``
+    context_n_tokens: int = 0  # token length of the haystack (needles included)
     extra: dict = field(default_factory=dict)
 
     @property
     def prompt(self) -> str:
         return self.input + self.answer_prefix
+
+    @property
+    def needle_depth(self) -> float:
+        """Where the first queried needle starts, in percent of the haystack's tokens."""
+        return 100.0 * (self.needle_token_pos - self.context_token_start) / max(1, self.context_n_tokens)
 
 
 # ---- key / value generators ------------------------------------------------------------------------------
@@ -166,7 +173,9 @@ def _wordlists() -> tuple[list[str], list[str]]:
     except (ModuleNotFoundError, FileNotFoundError):
         d = REPO_ROOT.parent / "shared" / "data" / "ruler" / "wonderwords_3.0.1"
         if not d.is_dir():
-            raise ImportError("RULER keys need wonderwords' word lists: pip install 'ttt-rag[eval]'") from None
+            raise ImportError(
+                "RULER keys need wonderwords' word lists: pip install 'ttt-rag[eval]'"
+            ) from None
         adj = (d / "adjectivelist.txt").read_text().split()
         noun = (d / "nounlist.txt").read_text().split()
     return adj, noun
@@ -211,11 +220,21 @@ def load_needles(path: str | Path) -> list[CustomNeedle]:
             row = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{i}: not valid JSON ({e.msg})") from e
-        missing = [k for k in ("needle", "question", "answer") if not row.get(k)] if isinstance(row, dict) else ["all"]
+        missing = (
+            [k for k in ("needle", "question", "answer") if not row.get(k)]
+            if isinstance(row, dict)
+            else ["all"]
+        )
         if missing:
-            raise ValueError(f"{path}:{i}: needs non-empty fields needle, question, answer (missing {missing})")
+            raise ValueError(
+                f"{path}:{i}: needs non-empty fields needle, question, answer (missing {missing})"
+            )
         ans = row["answer"] if isinstance(row["answer"], list) else [row["answer"]]
-        out.append(CustomNeedle(needle=str(row["needle"]).strip(), question=str(row["question"]), answer=[str(a) for a in ans]))
+        out.append(
+            CustomNeedle(
+                needle=str(row["needle"]).strip(), question=str(row["question"]), answer=[str(a) for a in ans]
+            )
+        )
     if not out:
         raise ValueError(f"{path}: no needles found")
     return out
