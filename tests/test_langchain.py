@@ -12,7 +12,6 @@ import tempfile
 from typing import Any
 
 import pytest
-import torch
 
 pytest.importorskip("langchain_tests", reason="needs pip install 'ttt-rag[dev]' (langchain-tests)")
 
@@ -28,14 +27,6 @@ DOCS = [
     (f"ship-{i}", f"The ship number {i} sails from the harbour at dawn with {i} crates of pears.")
     for i in range(6)
 ]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @functools.cache

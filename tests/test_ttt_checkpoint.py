@@ -11,8 +11,6 @@ import torch
 
 from ttt import ModelConfig, TTTModel
 
-torch.set_num_threads(1)
-
 # the debug preset's state-dict keys: changing them breaks every saved checkpoint
 _BLOCK = ["attn.k_norm.weight", "attn.q_norm.weight", "attn.wk.weight", "attn.wo.weight", "attn.wq.weight",
           "attn.wv.weight", "attn_norm.weight", "attn_post.weight", "mlp.w1.weight", "mlp.w2.weight", "mlp.w3.weight",

@@ -9,8 +9,6 @@ from test_ttt_model import model64, tiny
 
 from ttt.generate import sample_next
 
-torch.set_num_threads(1)
-
 
 @pytest.mark.parametrize(
     "kw", [dict(window=6), dict(window=None, n_ttt_layers=0), dict(window=5, n_ttt_layers=2)]

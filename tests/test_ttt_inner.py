@@ -13,8 +13,6 @@ from ttt_reference import ref_logits, ref_ttt
 from ttt import ModelConfig, TTTModel, TTTState
 from ttt.inner import clip_by_global_norm
 
-torch.set_num_threads(1)
-
 
 def _sd(m: TTTModel) -> dict:
     return {k: v.detach() for k, v in m.state_dict().items()}

@@ -12,8 +12,6 @@ from ttt_reference import ref_logits
 from ttt import ModelConfig, TTTModel
 from ttt.attention import attention, available_backends
 
-torch.set_num_threads(1)  # 2 shared cores: one thread per process is much faster than two
-
 
 def tiny(**kw) -> ModelConfig:
     base = dict(vocab_size=61, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, mlp_hidden=40, n_ttt_layers=1,
