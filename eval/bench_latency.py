@@ -63,7 +63,9 @@ def sdpa_context(fa: bool):
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION])
+    return sdpa_kernel(
+        [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    )
 
 
 # ---- models ----------------------------------------------------------------------------------------
@@ -150,7 +152,9 @@ def bench_decode(models: dict[str, TTTModel], ctx: int, args: argparse.Namespace
             with torch.no_grad(), sdpa_context(kind == "fa"):
                 state = model.prefill(prompt, backend=args.backend).state
                 steps = []
-                it = model.generate_iter(None, state=state, max_new_tokens=args.decode_tokens, temperature=0.0)
+                it = model.generate_iter(
+                    None, state=state, max_new_tokens=args.decode_tokens, temperature=0.0
+                )
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()
                 for _ in it:
@@ -239,7 +243,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--preset", default="125m")
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--lengths", type=int, nargs="+", default=[8192])
-    p.add_argument("--tokens-per-batch", type=int, default=0, help="constant tokens per batch (0 = batch 1 only)")
+    p.add_argument(
+        "--tokens-per-batch", type=int, default=0, help="constant tokens per batch (0 = batch 1 only)"
+    )
     p.add_argument("--systems", nargs="+", default=["e2e", "fa", "swa"])
     p.add_argument("--fa-max", type=int, default=131072, help="longest length to run full attention at")
     p.add_argument("--backend", default="auto", help="attention backend of the TTT/SWA path")
@@ -248,10 +254,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--rotate", type=int, default=3)
     p.add_argument("--decode", type=int, nargs="*", default=[], help="context lengths for decode timing")
     p.add_argument("--decode-tokens", type=int, default=0, help="tokens to decode (default 2*b + 8)")
-    p.add_argument("--train", type=int, default=0, help="sequence length for the training comparison (0 = skip)")
+    p.add_argument(
+        "--train", type=int, default=0, help="sequence length for the training comparison (0 = skip)"
+    )
     p.add_argument("--train-batch", type=int, default=1)
-    p.add_argument("--checkpoint", action="store_true", help="meta_loss with per-chunk activation checkpointing")
-    p.add_argument("--smoke", action="store_true", help="issue-2 smoke: prefill + meta_loss backward only")
+    p.add_argument(
+        "--checkpoint", action="store_true", help="meta_loss with per-chunk activation checkpointing"
+    )
+    p.add_argument(
+        "--smoke",
+        action="store_true",
+        help="name the results file latency-<preset>-smoke (the issue-2 smoke run)",
+    )
     p.add_argument("--out", default=None)
     p.add_argument("--name", default=None)
     args = p.parse_args(argv)

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from ttt.config import ModelConfig
 from ttt.data import SequenceLoader, load_index
+from ttt.inner import token_nll as chunk_token_nll
 from ttt.model import TTTModel
 from ttt.tokenizer import Tokenizer
 
@@ -150,11 +151,7 @@ def token_nll(model: TTTModel, tokens: torch.Tensor) -> torch.Tensor:
     """(B, T+1) tokens -> (B, T) NLL of tokens[:, 1:]: TTT models read with prefill, others one forward."""
     if model.cfg.n_ttt_layers > 0:
         return model.prefill(tokens).token_nll[:, 1:].float()
-    logits = model(tokens[:, :-1])  # (B, T, V)
-    B, T, V = logits.shape  # flattened: the (B, V, T) layout hits CUDA's slow strided softmax
-    return F.cross_entropy(
-        logits.float().reshape(B * T, V), tokens[:, 1:].reshape(-1), reduction="none"
-    ).view(B, T)
+    return chunk_token_nll(model(tokens[:, :-1]).float(), tokens[:, 1:])  # (B, T)
 
 
 def lm_loss(model: TTTModel, tokens: torch.Tensor) -> torch.Tensor:
