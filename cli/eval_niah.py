@@ -56,6 +56,14 @@ def register(app: typer.Typer) -> None:
         max_new_tokens: int = typer.Option(128, help="Generation cap, identical for all systems."),
         top_k: int = typer.Option(5, help="Retrieved chunks."),
         max_full_len: int = typer.Option(None, help="Skip `full` above this prompt length."),
+        embedder: str = typer.Option(
+            None,
+            help="Sentence-transformers dir for dense/hybrid (e.g. an int8 export); default: the package.",
+        ),
+        budget_s: float = typer.Option(None, help="Start no new sample after this many seconds (resumable)."),
+        interleave: bool = typer.Option(
+            False, help="Coverage order (index, depth, length, task) so a time-boxed run spreads evenly."
+        ),
         quick: bool = typer.Option(False, help="A CPU smoke run of a few minutes on the debug model."),
         progress: bool = typer.Option(True, help="Progress bar."),
     ) -> None:
@@ -78,10 +86,11 @@ def register(app: typer.Typer) -> None:
             tasks=[t.strip() for t in tasks.split(",") if t.strip()],
             systems=[s.strip() for s in systems.split(",") if s.strip()],
             lengths=_ints(lengths), depths=_floats(depths), samples=samples, seed=seed, out=out,
-            haystack=haystack, needles=needles, progress=progress,
+            haystack=haystack, needles=needles, progress=progress, budget_s=budget_s, interleave=interleave,
             sys=SystemsConfig(
                 model_dir=model, full_model_dir=full_model, device=device, dtype=dtype,
                 max_new_tokens=max_new_tokens, top_k=top_k, max_full_len=max_full_len, seed=seed,
+                embedder_dir=embedder,
             ),
         )  # fmt: skip
         try:

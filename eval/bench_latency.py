@@ -21,7 +21,6 @@ import argparse
 import logging
 import math
 import statistics
-import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
@@ -57,12 +56,18 @@ def summary(ms: list[float]) -> dict[str, float]:
     return {"median_ms": statistics.median(s), "min_ms": s[0], "max_ms": s[-1], "n": len(s)}
 
 
-def sdpa_context(fa: bool):
-    """Pin cuDNN attention for the full-attention baseline when the build has it (gpu-notes: ~1.5x flash)."""
+def sdpa_context(fa: bool, strict: bool = True):
+    """Pin cuDNN attention for the full-attention baseline (gpu-notes: ~1.5x the flash backend).
+
+    strict: cuDNN only, so the record says which kernel ran (an unsupported shape raises and is recorded);
+    otherwise cuDNN first, then flash / memory-efficient (decode, where cuDNN may refuse one query).
+    """
     if not fa:
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    if strict:
+        return sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
     return sdpa_kernel(
         [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
     )
@@ -88,10 +93,33 @@ def n_params(model: TTTModel, embedding: bool = False) -> int:
     return n if embedding else n - model.tok_emb.weight.numel()
 
 
-def fa_prefill(model: TTTModel, tokens: torch.Tensor) -> torch.Tensor:
-    """Full-attention/SWA prefill: all blocks over the input, logits of the last position only."""
-    h, _ = model.run_blocks(model.embed(tokens), range(model.cfg.n_layers), None, "sdpa")
+def fa_prefill(model: TTTModel, tokens: torch.Tensor, segment: int | None = None) -> torch.Tensor:
+    """Full-attention/SWA prefill: all blocks over the input, logits of the last position only.
+
+    ``segment`` (SWA only): feed the input in pieces with the window caches carried over (bounded memory,
+    same result); full attention always runs in one pass.
+    """
+    cfg = model.cfg
+    if segment is None or cfg.window is None or tokens.shape[1] <= segment:
+        h, _ = model.run_blocks(model.embed(tokens), range(cfg.n_layers), None, "auto", keep=0)
+        return model.head(h[:, -1:])
+    kv = None
+    for s in range(0, tokens.shape[1], segment):
+        h, kv = model.run_blocks(model.embed(tokens[:, s : s + segment]), range(cfg.n_layers), kv, "auto",
+                                 keep=cfg.window - 1)  # fmt: skip
     return model.head(h[:, -1:])
+
+
+def e2e_prefill(model: TTTModel, tokens: torch.Tensor, backend: str, segment: int | None = None) -> Any:
+    """TTT-E2E prefill, optionally in segments (``prefill(x[:, :m])`` then ``prefill(x[:, m:], state)``
+    equals one call, tested in tests/test_ttt_inner.py): memory stays that of one segment."""
+    if segment is None or tokens.shape[1] <= segment:
+        return model.prefill(tokens, backend=backend)
+    state = None
+    for s in range(0, tokens.shape[1], segment):
+        out = model.prefill(tokens[:, s : s + segment], state, backend=backend)
+        state = out.state
+    return out
 
 
 def prefill_flops_per_token(model: TTTModel, T: int) -> float:
@@ -113,66 +141,136 @@ def prefill_flops_per_token(model: TTTModel, T: int) -> float:
 
 
 # ---- sections --------------------------------------------------------------------------------------
-def bench_prefill(models: dict[str, TTTModel], T: int, B: int, args: argparse.Namespace) -> dict[str, Any]:
-    vocab = args.vocab
-    bufs = [torch.randint(0, vocab, (B, T), device="cuda") for _ in range(args.rotate)]
+def fa_one_layer_ms(model: TTTModel, T: int, args: argparse.Namespace) -> float:
+    """Median ms of ONE full-attention block over T tokens (batch 1): long FA prefills are timed per layer."""
+    h = torch.randn(1, T, model.cfg.d_model, device="cuda", dtype=torch.bfloat16)
+    with torch.no_grad(), sdpa_context(True):
+        ms = cuda_time(lambda i: model.blocks[0](h, None, "auto"), warmup=1, iters=max(1, args.iters // 2))
+    return statistics.median(ms)
+
+
+def _timed_prefill(kind: str, model: TTTModel, bufs: list[torch.Tensor], T: int, B: int,
+                   args: argparse.Namespace, keep_state: dict[str, Any] | None) -> dict[str, Any]:  # fmt: skip
+    """Time one system's prefill; FA past --fa-full-max is one block x n_layers (said in the record)."""
+    from ttt.attention import BACKEND_CALLS
+
+    BACKEND_CALLS.clear()
+    long = T > args.long_from
+    # long inputs: one timed call, after a warm-up on two segments (compiles every shape a long call uses)
+    warm, iters = (0, 1) if long else (args.warmup, args.iters)
+    if kind == "fa" and T > args.fa_full_max:
+        ms = fa_one_layer_ms(model, T, args) * model.cfg.n_layers
+        rec: dict[str, Any] = {"median_ms": ms, "scaled_from_one_layer": True, "n": 1}
+    else:
+        with torch.no_grad(), sdpa_context(kind == "fa"):
+            seg = args.segment if long else None
+            last: dict[str, Any] = {}  # the timed call's output: its state serves decode at T
+            if kind == "e2e":
+
+                def fn(i: int, m: TTTModel = model) -> None:
+                    last["out"] = e2e_prefill(m, bufs[i % len(bufs)], args.backend, seg)
+
+            else:
+                fn = lambda i, m=model: fa_prefill(m, bufs[i % len(bufs)], seg)  # noqa: E731
+            if long:
+                short = [bufs[0][:, : 2 * seg]]
+                e2e_prefill(model, short[0], args.backend, seg) if kind == "e2e" else fa_prefill(
+                    model, short[0], seg
+                )
+            rec = summary(cuda_time(fn, warmup=warm, iters=iters))
+            rec["segment"] = seg
+            if keep_state is not None and "out" in last:
+                keep_state[kind] = last["out"].state
+            last.clear()
+    rec["backends"] = dict(BACKEND_CALLS)
+    rec["s_per_1k"] = rec["median_ms"] / 1000 / (B * T / 1000)
+    rec["tflops"] = prefill_flops_per_token(model, T) * B * T / (rec["median_ms"] / 1000) / 1e12
+    if args.peak_tflops:
+        rec["mfu"] = rec["tflops"] / args.peak_tflops
+    return rec
+
+
+def bench_prefill(
+    models: dict[str, TTTModel], T: int, B: int, args: argparse.Namespace, keep_state: dict | None = None
+) -> dict[str, Any]:
+    bufs = [torch.randint(0, args.vocab, (B, T), device="cuda") for _ in range(args.rotate)]
     out: dict[str, Any] = {"T": T, "B": B}
     for kind, model in models.items():
         if kind == "fa" and T > args.fa_max:
             out[kind] = {"skipped": f"T={T} > --fa-max {args.fa_max}"}
             continue
         try:
-            with torch.no_grad(), sdpa_context(kind == "fa"):
-                if kind == "e2e":
-                    fn = lambda i, m=model: m.prefill(bufs[i % len(bufs)], backend=args.backend)  # noqa: E731
-                else:
-                    fn = lambda i, m=model: fa_prefill(m, bufs[i % len(bufs)])  # noqa: E731
-                ms = cuda_time(fn, warmup=args.warmup, iters=args.iters)
-            s = summary(ms)
-            s["s_per_1k"] = s["median_ms"] / 1000 / (B * T / 1000)
-            s["tflops"] = prefill_flops_per_token(model, T) * B * T / (s["median_ms"] / 1000) / 1e12
-            out[kind] = s
+            out[kind] = _timed_prefill(kind, model, bufs, T, B, args, keep_state)
         except torch.OutOfMemoryError as e:
             out[kind] = {"error": f"OOM: {str(e)[:200]}"}
         torch.cuda.empty_cache()
-    if "e2e" in out and "fa" in out and "s_per_1k" in out["e2e"] and "s_per_1k" in out.get("fa", {}):
+        log.info("prefill T=%d B=%d %s %s", T, B, kind, out[kind])
+    if "s_per_1k" in out.get("e2e", {}) and "s_per_1k" in out.get("fa", {}):
         out["fa_over_e2e"] = out["fa"]["s_per_1k"] / out["e2e"]["s_per_1k"]
     return out
 
 
-def bench_decode(models: dict[str, TTTModel], ctx: int, args: argparse.Namespace) -> dict[str, Any]:
-    """Per-token decode latency after a prefill of ``ctx`` tokens (batch 1), host-timed per step."""
+def matmul_peak_tflops() -> float:
+    """bf16 8192^3 matmul rate on this card (the MFU denominator; gpu-notes: 787 TFLOP/s on the H100)."""
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ms = statistics.median(cuda_time(lambda i: a @ b, warmup=3, iters=10))
+    return 2 * 8192**3 / (ms / 1000) / 1e12
+
+
+def bench_decode(
+    models: dict[str, TTTModel], ctx: int, args: argparse.Namespace, states: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """ms per generated token after a prefill of ``ctx`` tokens (batch 1): ``ttt.decode.DecodeSession``.
+
+    TTT-E2E decodes ``b + 64`` tokens so one TTT step (every b tokens) is inside the window and amortised in
+    the mean; its tail is the p99 / max step. FA and SWA have no such step: 64 tokens. CUDA events per step.
+    ``states`` may hold a prefilled state per system (the long-context prefill's), else one is prefilled here.
+    """
+    from ttt.decode import DecodeSession
+
     out: dict[str, Any] = {"ctx": ctx}
-    prompt = torch.randint(0, args.vocab, (1, ctx), device="cuda")
     for kind, model in models.items():
         if kind == "fa" and ctx > args.fa_max:
-            out[kind] = {"skipped": f"ctx={ctx} > --fa-max {args.fa_max}"}
+            out[kind] = {"skipped": f"ctx={ctx} > --fa-max {args.fa_max}: the KV cache does not fit"}
             continue
         try:
-            with torch.no_grad(), sdpa_context(kind == "fa"):
-                state = model.prefill(prompt, backend=args.backend).state
-                steps = []
-                it = model.generate_iter(
-                    None, state=state, max_new_tokens=args.decode_tokens, temperature=0.0
-                )
+            n = model.cfg.ttt_chunk + 64 if model.cfg.n_ttt_layers else 64
+            # SDPA's default choice for one query (flash): cuDNN builds a new plan for every cache length
+            with torch.no_grad():
+                state = (states or {}).get(kind)
+                if state is None:
+                    state = model.prefill(torch.randint(0, args.vocab, (1, ctx), device="cuda")).state
+                base = torch.cuda.memory_allocated()
+                sess = DecodeSession(model, state, max_new_tokens=n, consume_state=True)
+                cache_bytes = torch.cuda.memory_allocated() - base
+                del state
+                toks = torch.randint(0, args.vocab, (n, 1), device="cuda")
+                ev = [
+                    (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                    for _ in range(n)
+                ]
+                for i in range(n):
+                    ev[i][0].record()
+                    sess.step(toks[i])
+                    ev[i][1].record()
                 torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                for _ in it:
-                    torch.cuda.synchronize()
-                    t1 = time.perf_counter()
-                    steps.append((t1 - t0) * 1000)
-                    t0 = t1
-            steps = steps[1:]  # the first step includes generator set-up
+            steps = [a.elapsed_time(b) for a, b in ev][8:]  # the first steps include graph capture
+            s = sorted(steps)
             out[kind] = {
                 "ms_per_token_mean": statistics.fmean(steps),
                 "ms_per_token_median": statistics.median(steps),
-                "p99_ms": sorted(steps)[max(0, math.ceil(0.99 * len(steps)) - 1)],
-                "max_ms": max(steps),
+                "p99_ms": s[max(0, math.ceil(0.99 * len(s)) - 1)],
+                "max_ms": s[-1],
                 "n": len(steps),
+                "cuda_graph": sess._graph is not None,
+                "session_cache_bytes": cache_bytes,
             }
+            del sess
         except Exception as e:  # noqa: BLE001 - recorded, the run goes on
             out[kind] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         torch.cuda.empty_cache()
+    if all("ms_per_token_mean" in out.get(k, {}) for k in ("e2e", "fa")):
+        out["fa_over_e2e"] = out["fa"]["ms_per_token_mean"] / out["e2e"]["ms_per_token_mean"]
     return out
 
 
@@ -238,7 +336,55 @@ def check_vs_fp32(args: argparse.Namespace) -> dict[str, Any]:
             "ok": bool(rel.item() <= 1e-2)}  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def _summary(res: dict[str, Any], preset: str) -> dict[str, Any]:
+    """The comparable headline numbers (issue 4); None where the run did not measure them."""
+
+    def pf(key: str, T: int, kind: str, field: str = "s_per_1k") -> float | None:
+        for r in res.get(key, []):
+            if r["T"] == T and field in r.get(kind, {}):
+                return r[kind][field]
+        return None
+
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return None if a is None or b is None else a / b
+
+    def dec(ctx: int, kind: str) -> float | None:
+        for r in res.get("decode", []):
+            if r["ctx"] == ctx and "ms_per_token_mean" in r.get(kind, {}):
+                return r[kind]["ms_per_token_mean"]
+        return None
+
+    M = 1 << 20
+    e128 = pf("prefill_batch1", 131072, "e2e")
+    mem = [m for m in res.get("memory", []) if m["T"] == 131072]
+    train = res.get("train", {})
+    return {
+        "device": res.get("device"),
+        "preset": preset,
+        f"ttt_prefill_s_per_1k_128k_{preset}": e128,
+        f"prefill_speedup_vs_fa_128k_{preset}": ratio(pf("prefill_batch1", 131072, "fa"), e128),
+        f"prefill_speedup_vs_fa_1m_{preset}": ratio(
+            pf("prefill_batch1", M, "fa"), pf("prefill_batch1", M, "e2e")
+        ),
+        "prefill_flatness_128k_over_8k": ratio(e128, pf("prefill_batch1", 8192, "e2e")),
+        "prefill_flatness_1m_over_128k": ratio(pf("prefill_batch1", M, "e2e"), e128),
+        "prefill_mfu": pf("prefill_batch1", 131072, "e2e", "mfu"),
+        "decode_speedup_vs_fa_128k": ratio(dec(131072, "fa"), dec(131072, "e2e")),
+        "decode_flatness_1m_over_8k": ratio(dec(M, "e2e"), dec(8192, "e2e")),
+        "state_memory_ratio_128k": mem[0]["fa_over_ttt"] if mem else None,
+        "meta_train_slowdown_vs_fa_8k": train.get("e2e_over_fa"),
+        "formulas": {
+            "prefill_flops_per_token": "2*P_nonembed + 2*V*d (head) + 4*keys*H*Dh*L (attention, keys = min(T/2 "
+            "causal, window)) + 2*[n_ttt*(2*P_block + 4*keys*H*Dh) + 2*V*d] (inner backward: activation + "
+            "prime-weight grads of the TTT blocks and head)",
+            "mfu": "prefill TFLOP/s (formula above) / bf16 8192^3 matmul TFLOP/s measured in the same run",
+            "fa_kv_bytes": "2 * L * T * Hkv * Dh * 2 (bf16 K and V)",
+            "ttt_state_bytes": "2 * L * (window-1) * Hkv * Dh * 2 + 3 * d * f_prime * n_ttt * 4 (fp32 fast weights)",
+        },
+    }
+
+
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="125m")
     p.add_argument("--vocab", type=int, default=128256)
@@ -246,54 +392,84 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument(
         "--tokens-per-batch", type=int, default=0, help="constant tokens per batch (0 = batch 1 only)"
     )
+    p.add_argument(
+        "--long-lengths", type=int, nargs="*", default=[], help="batch-1 lengths for e2e/swa (512K, 1M)"
+    )
+    p.add_argument("--long-from", type=int, default=262144, help="above: 1 warm-up + 1 timed call, segments")
+    p.add_argument("--segment", type=int, default=131072, help="segment length of long e2e/swa prefills")
     p.add_argument("--systems", nargs="+", default=["e2e", "fa", "swa"])
-    p.add_argument("--fa-max", type=int, default=131072, help="longest length to run full attention at")
-    p.add_argument("--backend", default="auto", help="attention backend of the TTT/SWA path")
+    p.add_argument("--fa-max", type=int, default=1 << 20, help="longest length to time full attention at")
+    p.add_argument("--fa-full-max", type=int, default=131072, help="above: FA = one block x n_layers")
+    p.add_argument("--backend", default="auto", help="attention backend of the TTT path")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--rotate", type=int, default=3)
     p.add_argument("--decode", type=int, nargs="*", default=[], help="context lengths for decode timing")
-    p.add_argument("--decode-tokens", type=int, default=0, help="tokens to decode (default 2*b + 8)")
     p.add_argument(
-        "--train", type=int, default=0, help="sequence length for the training comparison (0 = skip)"
+        "--train", type=int, default=0, help="sequence length of the training comparison (0 = skip)"
+    )
+    p.add_argument(
+        "--train-preset", default=None, help="preset of the training comparison (default --preset)"
     )
     p.add_argument("--train-batch", type=int, default=1)
     p.add_argument(
         "--checkpoint", action="store_true", help="meta_loss with per-chunk activation checkpointing"
     )
-    p.add_argument(
-        "--smoke",
-        action="store_true",
-        help="name the results file latency-<preset>-smoke (the issue-2 smoke run)",
-    )
+    p.add_argument("--smoke", action="store_true", help="name the results file latency-<preset>-smoke")
     p.add_argument("--out", default=None)
     p.add_argument("--name", default=None)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     assert torch.cuda.is_available(), "bench_latency needs a CUDA GPU"
     torch.backends.cuda.matmul.allow_tf32 = True
-    models = {k: build(args.preset, k, args.vocab) for k in args.systems}
+    name = args.name or f"latency-{args.preset}-{'smoke' if args.smoke else 'full'}"
     res: dict[str, Any] = run_metadata(vars(args), seed=0)
-    res["params"] = {k: n_params(m, embedding=True) for k, m in models.items()}
+
+    def save() -> None:  # after every section: a run cut short still leaves its numbers
+        res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+        res["summary"] = _summary(res, args.preset)
+        write_results(name, res, args.out)
+
+    args.peak_tflops = res["matmul_peak_tflops"] = matmul_peak_tflops()
     res["check"] = check_vs_fp32(args)
-    log.info("check %s", res["check"])
+    log.info("peak %.0f TFLOP/s; check %s", args.peak_tflops, res["check"])
+    models = {k: build(args.preset, k, args.vocab) for k in args.systems}
+    res["params"] = {k: n_params(m, embedding=True) for k, m in models.items()}
+    res["memory"] = [bench_memory(models, T) for T in sorted({*args.lengths, *args.long_lengths})]
     res["prefill_batch1"] = [bench_prefill(models, T, 1, args) for T in args.lengths]
+    save()
     if args.tokens_per_batch:
-        res["prefill_const_tokens"] = [
-            bench_prefill(models, T, max(1, args.tokens_per_batch // T), args) for T in args.lengths
+        res["prefill_const_tokens"] = [  # batch 1 at T = tokens per batch: the batch-1 record itself
+            bench_prefill(models, T, args.tokens_per_batch // T, args)
+            if args.tokens_per_batch // T > 1
+            else next(r for r in res["prefill_batch1"] if r["T"] == T)
+            for T in args.lengths
+            if args.tokens_per_batch // T >= 1
         ]
-    res["memory"] = [bench_memory(models, T) for T in args.lengths]
+        save()
     if args.decode:
-        args.decode_tokens = args.decode_tokens or 2 * models["e2e"].cfg.ttt_chunk + 8
         res["decode"] = [bench_decode(models, c, args) for c in args.decode]
+        save()
+    for T in args.long_lengths:  # the long prefill's final state is reused for decode at that context
+        states: dict[str, Any] = {}
+        res["prefill_batch1"].append(bench_prefill(models, T, 1, args, keep_state=states))
+        if args.decode:
+            res["decode"].append(
+                bench_decode({k: m for k, m in models.items() if k in states}, T, args, states)
+            )
+        del states
+        save()
     del models
     torch.cuda.empty_cache()
     if args.train:
-        res["train"] = bench_train(args.preset, args.train, args.train_batch, args)
-    res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    name = args.name or f"latency-{args.preset}-{'smoke' if args.smoke else 'full'}"
-    write_results(name, res, args.out)
-    log.info("%s", {k: res[k] for k in ("prefill_batch1", "memory") if k in res})
+        res["train"] = bench_train(args.train_preset or args.preset, args.train, args.train_batch, args)
+        save()
+    save()
+    log.info("summary %s", res["summary"])
     return res
 
 

@@ -6,6 +6,11 @@ stored vectors) and ``kind="ivf"`` (IndexIVFFlat, trained on the first vectors a
 matmul top-k on CUDA (``backend="torch"`` forces it, on any device). The unit vectors are kept
 row-aligned with the chunk table (``dense_vectors.npy``) so any index kind can be rebuilt and a hit's
 dense score can be computed for chunks another retriever found.
+
+Without faiss (``import faiss`` fails, e.g. on a GPU box that lacks it) every kind becomes an exact flat
+inner-product search over those stored vectors: torch matmul + top-k on ``DenseConfig.device`` (numpy when
+torch is absent too). The store keeps the same files; ``dense.faiss`` is simply not written, and a process
+that has faiss rebuilds its index from ``dense_vectors.npy`` when that file is missing.
 """
 
 from __future__ import annotations
@@ -35,6 +40,22 @@ def _faiss():
     return faiss
 
 
+_HAS_FAISS: list[bool] = []  # cached result of the first import attempt
+
+
+def faiss_available() -> bool:
+    """True when ``import faiss`` works (checked once per process)."""
+    if not _HAS_FAISS:
+        try:
+            import faiss  # noqa: F401
+        except ImportError:
+            log.warning("faiss is not installed: dense search falls back to an exact torch/numpy flat index")
+            _HAS_FAISS.append(False)
+        else:
+            _HAS_FAISS.append(True)
+    return _HAS_FAISS[0]
+
+
 _THREADS_SET: list[int] = []  # the FAISS thread count this process last applied
 
 
@@ -47,6 +68,8 @@ def set_faiss_threads(n: int) -> None:
 
 
 def faiss_gpu_available() -> bool:
+    if not faiss_available():
+        return False
     faiss = _faiss()
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
 
@@ -101,6 +124,8 @@ class DenseIndex:
         return ivf  # IVF supports add_with_ids/remove_ids natively
 
     def _build(self, vectors: np.ndarray, ids: np.ndarray):
+        if not faiss_available():
+            return None  # exact flat search over ``vectors`` (torch/numpy), see module docstring
         if self.cfg.kind == "ivf" and len(vectors) < self.cfg.ivf_nlist:
             return None  # not trainable yet: searched by brute force until enough vectors exist
         index = self._new_faiss(vectors)
@@ -177,8 +202,11 @@ class DenseIndex:
         return self._gpu
 
     def _torch_search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        import torch
-
+        """Exact top-k by inner product: torch matmul on the configured device, numpy without torch."""
+        try:
+            import torch
+        except ImportError:
+            return _numpy_topk(q, np.asarray(self.vectors, dtype=np.float32), k)
         if self._torch is None:
             dev = self.cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
             self._torch = torch.from_numpy(np.ascontiguousarray(self.vectors)).to(dev)
@@ -199,10 +227,13 @@ class DenseIndex:
             vectors = np.load(d / "dense_vectors.npy", mmap_mode="r" if mmap else None)
             ids = np.load(d / "dense_ids.npy")
             index = None
-            if (d / "dense.faiss").exists():
+            if not faiss_available():
+                pass  # exact search over the stored vectors; a dense.faiss file, if any, is not needed
+            elif (d / "dense.faiss").exists():
                 index = _faiss().read_index(str(d / "dense.faiss"))
             elif not (cfg.kind == "ivf" and len(ids) < cfg.ivf_nlist) and len(ids):
-                raise FileNotFoundError(f"{d / 'dense.faiss'} is missing")
+                log.info("%s has no dense.faiss (written without faiss): rebuilding it from the vectors", d)
+                return cls(cfg, dim, np.ascontiguousarray(vectors, dtype=np.float32), ids)
         except (OSError, ValueError, RuntimeError) as e:
             raise CorruptIndexError(f"cannot load dense index files in {d}: {e}") from e
         if vectors.shape != (len(ids), dim) or (index is not None and index.ntotal != len(ids)):
@@ -210,3 +241,12 @@ class DenseIndex:
         if index is not None and cfg.kind == "hnsw":
             _faiss().downcast_index(index.index).hnsw.efSearch = cfg.hnsw_ef_search
         return cls(cfg, dim, vectors, ids, index)
+
+
+def _numpy_topk(q: np.ndarray, v: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k rows of ``q @ v.T`` (Q, k), best first; ties broken by the lower row."""
+    sims = q @ v.T  # (Q, N)
+    part = np.argpartition(-sims, k - 1, axis=1)[:, :k]  # (Q, k) unordered
+    order = np.lexsort((part, -np.take_along_axis(sims, part, 1)), axis=1)
+    rows = np.take_along_axis(part, order, 1)
+    return rows.astype(np.int64), np.take_along_axis(sims, rows, 1).astype(np.float32)

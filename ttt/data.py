@@ -13,6 +13,11 @@ Pipeline (``ttt-rag train data``):
   4. Write uint16 ``{split}_{k:05d}.npy`` shards + ``index.json`` (tokens per shard, per-book spans in the
      split's flat stream, tokenizer hash) + a copy of ``tokenizer.json``.
 
+``build_qa_stream`` (issue 8) writes a small stream for QA fine-tuning in the same format: ``seq_len``-token rows
+of whole synthetic documents (mostly ``ttt.synth`` kind ``kv``) and book text, the same split by book, plus
+``qa_eval.jsonl`` (held-out kv questions from the validation books); ``compress_shards`` /
+``decompress_shards`` xz the shards for carrying (measured ~0.7 bytes per token).
+
 ``pack_shards`` copies a random-by-hash subset of whole training books (plus validation) into a small dir
 for carrying to the GPU machine. ``SequenceLoader`` yields contiguous ``seq_len + 1`` slices of a split's
 flat stream (inputs ``[:-1]``, targets ``[1:]``), shuffled per epoch with a seed, resumable by position.
@@ -64,8 +69,8 @@ class DataConfig:
     def __post_init__(self) -> None:
         if not 0.0 < self.val_frac < 0.5:
             raise ValueError(f"val_frac must be in (0, 0.5), got {self.val_frac}")
-        if not 0.0 <= self.synth_share < 0.5:
-            raise ValueError(f"synth_share must be in [0, 0.5), got {self.synth_share}")
+        if not 0.0 <= self.synth_share < 1.0:
+            raise ValueError(f"synth_share must be in [0, 1), got {self.synth_share}")
         if self.shard_tokens < 1024:
             raise ValueError(f"shard_tokens must be >= 1024, got {self.shard_tokens}")
 
@@ -415,3 +420,271 @@ def train_tokenizer(tar_path: str | Path, vocab_size: int = 8192, cfg: DataConfi
         for piece in split_pieces(b.text, cfg.piece_chars)
     )
     return Tokenizer.train(texts, vocab_size=vocab_size)
+
+
+# ---- the QA fine-tune stream (issue 8) ------------------------------------------------------------
+QA_EVAL_FILE = "qa_eval.jsonl"
+
+
+@dataclass(kw_only=True)
+class QADataConfig:
+    """``build_qa_stream``: a small packed stream for QA fine-tuning plus a held-out kv question set.
+
+    Training rows are ``seq_len`` tokens of whole synthetic documents (``<|bos|> doc <|eos|>``, never cut by a
+    row boundary, so a question is always read with its passage) and ordinary book text (contiguous slices
+    of the same training book) filling the rest; synthetic documents are ``synth_share`` of all tokens.
+    """
+
+    train_tokens: int = 22_000_000  # ~18 MiB as xz-compressed uint16 (measured 0.84 bytes/token)
+    val_tokens: int = 600_000  # plain text of the held-out books (LM loss before vs after)
+    seq_len: int = 2048  # row length = the fine-tune's sequence length
+    synth_share: float = 0.5
+    kinds: tuple[str, ...] = ("kv", "copy", "continue", "number")
+    weights: tuple[float, ...] = (0.7, 0.1, 0.1, 0.1)
+    eval_questions: int = 200  # held-out kv questions from the validation books (half reader layout)
+    reader_prompt_tokens: int = 384  # reader-layout questions fit the hybrid budget (window 512 - 128 new)
+    val_frac: float = 0.025  # the split of ``DataConfig`` (same defaults = the same held-out books)
+    min_val_books: int = 8
+    seed: int = 0
+    max_books: int | None = None
+    piece_chars: int = 1 << 16
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.synth_share < 1.0:
+            raise ValueError(f"synth_share must be in [0, 1), got {self.synth_share}")
+        if self.seq_len < 64 or self.train_tokens < self.seq_len:
+            raise ValueError(
+                f"need seq_len >= 64 and train_tokens >= seq_len, got {self.seq_len}, {self.train_tokens}"
+            )
+        self.kinds, self.weights = tuple(self.kinds), tuple(self.weights)
+
+    def synth_config(self, seed_offset: int = 0) -> Any:
+        from ttt.synth import SynthConfig
+
+        return SynthConfig(share=0.5, seed=self.seed + seed_offset, kinds=self.kinds, weights=self.weights)
+
+
+class _BookText:
+    """Contiguous token slices of one book, read from a random start and wrapping around."""
+
+    def __init__(self, tok: Tokenizer, text: str, rng: Any, piece_chars: int, chars_per_token: float) -> None:
+        self.tok, self.text, self.piece_chars, self.cpt = tok, text, piece_chars, chars_per_token
+        self.pos = rng.randrange(max(1, len(text)))
+        self.buf = np.zeros(0, dtype=np.uint16)
+
+    def take(self, n: int) -> np.ndarray:
+        while len(self.buf) < n:
+            want = int(max(n - len(self.buf), 4096) * self.cpt * 1.2)
+            piece = self.text[self.pos : self.pos + want]
+            self.pos = self.pos + want if self.pos + want < len(self.text) else 0
+            ids = [i for p in self.tok.encode_batch(split_pieces(piece, self.piece_chars)) for i in p]
+            self.buf = np.concatenate([self.buf, np.asarray(ids, dtype=np.uint16)])
+        out, self.buf = self.buf[:n], self.buf[n:]
+        return out
+
+
+def _synth_batch(
+    tok: Tokenizer, paragraphs: list[str], vocab: list[str], rng: Any, scfg: Any, max_len: int
+) -> list[np.ndarray]:
+    """64 fresh synthetic documents encoded together as ``<|bos|> doc <|eos|>`` (reversed: pop() = first)."""
+    from ttt.synth import is_clean, make_document
+
+    batch = []
+    for _ in range(64):
+        d = make_document(rng.choices(scfg.kinds, scfg.weights)[0], paragraphs, vocab, rng, scfg)
+        if d is not None and is_clean(d):
+            batch.append(d)
+    return [
+        np.asarray([tok.bos_id, *ids, tok.eos_id], dtype=np.uint16)
+        for ids in tok.encode_batch(batch)[::-1]
+        if len(ids) + 2 <= max_len  # a document longer than a row is dropped
+    ]
+
+
+def _qa_rows(book: Book, tok: Tokenizer, n_rows: int, cfg: QADataConfig, counts: list[int]) -> np.ndarray:
+    """``n_rows`` rows of ``seq_len`` tokens from one training book; ``counts`` = [synth, total] (updated)."""
+    import random
+
+    from ttt.synth import book_vocabulary
+
+    rng = random.Random(f"{cfg.seed}:qa:{book.id}")
+    scfg = cfg.synth_config()
+    paragraphs = [p for p in book.text.split("\n\n") if p.strip()]
+    vocab = book_vocabulary(book.text)
+    texts = _BookText(tok, book.text, rng, cfg.piece_chars, scfg.chars_per_token)
+    docs: list[np.ndarray] = []
+    rows = np.zeros((n_rows, cfg.seq_len), dtype=np.uint16)
+    for r in range(n_rows):
+        at = 0
+        while at < cfg.seq_len:
+            left = cfg.seq_len - at
+            if counts[0] < cfg.synth_share * (counts[1] + 1) and paragraphs:
+                if not docs:
+                    docs = _synth_batch(tok, paragraphs, vocab, rng, scfg, cfg.seq_len)
+                fit = next((i for i in range(len(docs) - 1, -1, -1) if len(docs[i]) <= left), None)
+                if fit is not None:
+                    piece = docs.pop(fit)
+                    rows[r, at : at + len(piece)] = piece
+                    at, counts[0], counts[1] = at + len(piece), counts[0] + len(piece), counts[1] + len(piece)
+                    continue
+            n = left if left < 64 else min(left, rng.randint(64, cfg.seq_len))
+            rows[r, at : at + n] = texts.take(n)
+            at, counts[1] = at + n, counts[1] + n
+    return rows
+
+
+def _qa_eval_items(book: Book, tok: Tokenizer, n: int, cfg: QADataConfig) -> list[dict[str, Any]]:
+    """``n`` held-out kv questions from one validation book: half in the reader layout (short), half long."""
+    import random
+
+    from ttt.synth import book_vocabulary, is_clean, kv_example
+
+    rng = random.Random(f"{cfg.seed}:qa-eval:{book.id}")
+    scfg = cfg.synth_config()
+    paragraphs = [p for p in book.text.split("\n\n") if p.strip()]
+    vocab = book_vocabulary(book.text)
+    items: list[dict[str, Any]] = []
+    for _ in range(20 * n):
+        if len(items) == n:
+            break
+        fmt = "sources" if len(items) % 2 == 0 else "plain"
+        lo, hi = (100, scfg.kv_sources_max_tokens) if fmt == "sources" else (600, scfg.kv_max_tokens)
+        ex = kv_example(paragraphs, vocab, rng, scfg, fmt=fmt, min_tokens=lo, max_tokens=hi)
+        if ex is None or not is_clean(ex.text):
+            continue
+        n_prompt = len(tok.encode(ex.prompt)) + 1  # + <|bos|>
+        if fmt == "sources" and n_prompt > cfg.reader_prompt_tokens:
+            continue
+        # tokens from the start of the earliest queried fact to the end of the prompt
+        dist = n_prompt - 1 - min(len(tok.encode(ex.prompt[:o])) for o in ex.fact_offsets)
+        items.append(
+            {
+                "book": book.id,
+                "prompt": ex.prompt,
+                "answer": ex.answer,
+                "values": ex.values,
+                "question_kind": ex.question_kind,
+                "value_kind": ex.value_kind,
+                "fmt": ex.fmt,
+                "facts": ex.facts,
+                "n_facts": ex.n_facts,
+                "prompt_tokens": n_prompt,
+                "answer_tokens": len(tok.encode(" " + ex.answer)),
+                "fact_distance": dist,
+            }
+        )
+    return items
+
+
+def build_qa_stream(
+    tar_path: str | Path, out_dir: str | Path, tok: Tokenizer, cfg: QADataConfig | None = None
+) -> dict[str, Any]:
+    """Write the QA fine-tune stream to ``out_dir`` (shards + index.json + tokenizer.json + qa_eval.jsonl).
+
+    Books are split train/val exactly as ``build_shards`` does (``split_books``); synthetic documents and
+    training rows come only from training books, the val split and the kv question set only from the
+    held-out books. Every training book gives about ``train_tokens / n_train_books`` tokens.
+    """
+    cfg = cfg or QADataConfig()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if tok.vocab_size > 65535:
+        raise ValueError(f"uint16 shards need vocab_size <= 65535, got {tok.vocab_size}")
+    split = split_books(list_book_ids(tar_path), cfg.val_frac, cfg.min_val_books)
+    n_train = sum(v == "train" for v in split.values())
+    n_val = len(split) - n_train
+    if cfg.max_books is not None:
+        n_train = min(n_train, cfg.max_books)
+    writers = {s: _ShardWriter(out, s, 1 << 30) for s in SPLITS}
+    counts, rows_left, books, evals = [0, 0], cfg.train_tokens // cfg.seq_len, [], []
+    per_val = -(-cfg.eval_questions // n_val)
+    for book in iter_books(tar_path, cfg.max_books):
+        s = split.get(book.id)
+        assert s is not None, f"book {book.id!r} is not in the manifest; rebuild MANIFEST.tsv"
+        if s == "val":
+            ids = encode_document(tok, book.text, cfg.piece_chars)[
+                : max(0, cfg.val_tokens - writers["val"].total)
+            ]
+            start, end = writers["val"].add(ids) if len(ids) else (writers["val"].total,) * 2
+            evals += _qa_eval_items(book, tok, per_val, cfg)
+            books.append({"id": book.id, "split": s, "start": start, "end": end, "synth_tokens": 0})
+            continue
+        n_rows = round(rows_left / max(1, n_train))
+        n_train -= 1
+        if n_rows == 0:
+            continue
+        synth0 = counts[0]
+        start, end = writers["train"].add(_qa_rows(book, tok, n_rows, cfg, counts).reshape(-1))
+        rows_left -= n_rows
+        books.append(
+            {"id": book.id, "split": s, "start": start, "end": end, "synth_tokens": counts[0] - synth0}
+        )
+        log.info("%s: %d rows (%d synthetic tokens so far of %d)", book.id, n_rows, counts[0], counts[1])
+    return _finish_qa_stream(out, tok, cfg, writers, books, evals[: cfg.eval_questions], counts)
+
+
+def _finish_qa_stream(
+    out: Path,
+    tok: Tokenizer,
+    cfg: QADataConfig,
+    writers: dict[str, _ShardWriter],
+    books: list[dict[str, Any]],
+    evals: list[dict[str, Any]],
+    counts: list[int],
+) -> dict[str, Any]:
+    """Close the shards; write qa_eval.jsonl, tokenizer.json and index.json; return the index."""
+    for w in writers.values():
+        w.close()
+    if counts[1] and counts[0] < 0.8 * cfg.synth_share * counts[1]:
+        log.warning(
+            "synthetic share %.3f is below the target %.3f (rows too short for the documents?)",
+            counts[0] / counts[1],
+            cfg.synth_share,
+        )
+    dcfg = DataConfig(
+        val_frac=cfg.val_frac,
+        min_val_books=cfg.min_val_books,
+        synth_share=cfg.synth_share,
+        seed=cfg.seed,
+        max_books=cfg.max_books,
+    )
+    index = _make_index(tok, dcfg, writers, books)
+    index["qa_config"] = asdict(cfg)
+    index["eval_questions"] = len(evals)
+    with (out / QA_EVAL_FILE).open("w", encoding="utf-8") as f:
+        for item in evals:
+            f.write(json.dumps(item, ensure_ascii=False) + "\n")
+    tok.save(out / "tokenizer.json")
+    _write_json(out / INDEX_FILE, index)
+    return index
+
+
+def compress_shards(data_dir: str | Path, preset: int = 6) -> int:
+    """xz every shard in place (``x.npy`` -> ``x.npy.xz``) for carrying; returns the bytes of the dir."""
+    import lzma
+
+    d = Path(data_dir)
+    for s in SPLITS:
+        for sh in load_index(d)["splits"][s]["shards"]:
+            src = d / sh["file"]
+            tmp = d / (sh["file"] + ".xz.tmp")
+            tmp.write_bytes(lzma.compress(src.read_bytes(), preset=preset))
+            os.replace(tmp, d / (sh["file"] + ".xz"))
+            src.unlink()
+    return sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+
+
+def decompress_shards(src_dir: str | Path, dst_dir: str | Path) -> Path:
+    """Copy a (possibly xz-compressed) shard dir to ``dst_dir`` with plain ``.npy`` shards; returns dst_dir."""
+    import lzma
+
+    src, dst = Path(src_dir), Path(dst_dir)
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.name.endswith(".npy.xz"):
+            tmp = dst / (f.name[:-3] + ".tmp")
+            tmp.write_bytes(lzma.decompress(f.read_bytes()))
+            os.replace(tmp, dst / f.name[:-3])
+        elif f.is_file():
+            shutil.copy(f, dst / f.name)
+    return dst

@@ -1,8 +1,13 @@
 """Decoding with the SWA KV cache and the current fast weights; TTT continues during generation.
 
-Each generated token is fed back through ``prefill`` (one token at a time), so the streaming rule of
-``ttt/inner.py`` applies unchanged: once b inputs of a chunk and the token after them exist, the chunk's SGD
-step runs (self-training on the model's own samples, paper §2.3.2) and decoding continues with W_i.
+The streaming rule of ``ttt/inner.py`` applies unchanged: once b inputs of a chunk and the token after them
+exist, the chunk's SGD step runs (self-training on the model's own samples, paper §2.3.2) and decoding
+continues with W_i. Two interchangeable decoders (``decoder=``):
+
+- ``"prefill"``: every generated token is fed back through ``prefill`` (the reference; simple, slow);
+- ``"session"``: ``ttt.decode.DecodeSession``, ring-buffer caches and a dedicated per-token step (CUDA
+  graphs on GPU); equal to the reference up to float rounding (``tests/test_decode.py``);
+- ``"auto"`` (default): the session on CUDA, the reference on CPU.
 """
 
 from __future__ import annotations
@@ -47,12 +52,15 @@ def generate_iter(
     top_p: float = 1.0,
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
+    decoder: str = "auto",
 ) -> Iterator[torch.Tensor]:
     """Yield (B,) next tokens one step at a time. A row that emitted ``eos_id`` keeps emitting it; the loop
     stops when every row has. ``prompt`` may be None/empty when ``state`` already read some tokens.
     The caller's ``state`` is not modified."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if decoder not in ("auto", "prefill", "session"):
+        raise ValueError(f"decoder must be 'auto', 'prefill' or 'session', got {decoder!r}")
     if prompt is not None and prompt.numel() > 0:
         out = model.prefill(prompt, state)
         state, logits = out.state, out.last_logits
@@ -60,6 +68,13 @@ def generate_iter(
         logits = state.last_logits
     else:
         raise ValueError("generate needs a non-empty prompt (B, T) or a state that has read tokens")
+    if decoder == "auto":
+        decoder = "session" if logits.is_cuda else "prefill"
+    session = None
+    if decoder == "session" and max_new_tokens > 1:
+        from ttt.decode import DecodeSession
+
+        session = DecodeSession(model, state, max_new_tokens=max_new_tokens)  # type: ignore[arg-type]
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
     for step in range(max_new_tokens):
         tok = sample_next(logits, temperature, top_p, generator)
@@ -69,8 +84,11 @@ def generate_iter(
         yield tok
         if bool(done.all()) or step == max_new_tokens - 1:
             return
-        out = model.prefill(tok[:, None], state)
-        state, logits = out.state, out.last_logits
+        if session is not None:
+            logits = session.step(tok)
+        else:
+            out = model.prefill(tok[:, None], state)
+            state, logits = out.state, out.last_logits
 
 
 def generate(

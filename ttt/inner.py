@@ -20,8 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from ttt.model import KV, TTTModel, check_tokens
+from ttt.model import KV, TTTModel, check_tokens, unfused
 from ttt.state import TTTState
+
+HEAD_SLICE = 8192  # positions per output-head call when a plain (no-TTT) model scores a long input
 
 
 class PrefillOutput(NamedTuple):
@@ -163,17 +165,21 @@ def prefill(
     check_state(model, state, tokens)
     cfg, keep, n_pre = model.cfg, _cache_keep(model), model.cfg.n_prefix_layers
     B, T = tokens.shape
-    h, new_kv = model.run_blocks(model.embed(tokens), range(n_pre), state.kv[:n_pre], backend)
+    h, new_kv = model.run_blocks(model.embed(tokens), range(n_pre), state.kv[:n_pre], backend, keep=keep)
     pre_kv = _append_kv(state.kv[:n_pre], new_kv, keep)
     nll = torch.zeros(B, T, device=tokens.device, dtype=torch.promote_types(h.dtype, torch.float32))
     if state.last_logits is not None:
         nll[:, 0] = F.cross_entropy(state.last_logits, tokens[:, 0], reduction="none")
     if cfg.n_ttt_layers == 0:
-        logits = model.head(h)  # (B, T, V)
-        nll[:, 1:] = token_nll(logits[:, :-1], tokens[:, 1:])
+        for s in range(
+            0, T - 1, HEAD_SLICE
+        ):  # (B, slice, V) logits at a time: a 128K x 128K-vocab head is 64 GB
+            e = min(s + HEAD_SLICE, T - 1)
+            nll[:, s + 1 : e + 1] = token_nll(model.head(h[:, s:e]), tokens[:, s + 1 : e + 1])
+        last = model.head(h[:, -1:])[:, 0]  # (B, V)
         new = TTTState(fast={}, kv=pre_kv, pending_h=state.pending_h, pending_tokens=state.pending_tokens,
-                       last_logits=logits[:, -1], pos=state.pos + T, signature=state.signature)  # fmt: skip
-        return PrefillOutput(nll, new, logits[:, -1])
+                       last_logits=last, pos=state.pos + T, signature=state.signature)  # fmt: skip
+        return PrefillOutput(nll, new, last)
     run = _SuffixRun(model, state, backend)
     t = 0
     while t < T:
@@ -183,11 +189,14 @@ def prefill(
         take = min(cfg.ttt_chunk - run.n_pending, T - t)
         seg_h, seg_tok = h[:, t : t + take], tokens[:, t : t + take]
         if run.n_pending + take == cfg.ttt_chunk and t + take < T:  # chunk completes, its last target known
-            logits = run.commit(
+            logits, seg_nll = run.commit(
                 extra_h=seg_h, extra_tok=torch.cat((seg_tok, tokens[:, t + take : t + take + 1]), 1)
             )
-        else:
-            logits = run.extend(seg_h, seg_tok)
+            nll[:, t + 1 : t + 1 + take] = seg_nll  # the chunk step scored exactly these targets
+            run.last_logits = logits[:, -1]
+            t += take
+            continue
+        logits = run.extend(seg_h, seg_tok)
         n_score = min(take, T - t - 1)  # logits[:, j] predicts tokens[:, t + j + 1]
         if n_score > 0:
             nll[:, t + 1 : t + 1 + n_score] = token_nll(
@@ -230,11 +239,11 @@ class _SuffixRun:
         self.pending_tok = torch.cat((self.pending_tok, seg_tok), 1)
         return m.head(x)
 
-    def commit(self, extra_h: torch.Tensor, extra_tok: torch.Tensor) -> torch.Tensor:
+    def commit(self, extra_h: torch.Tensor, extra_tok: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Complete the pending chunk with extra inputs (+ the final target), take its SGD step.
 
         extra_tok holds the tokens of extra_h followed by one more token (the chunk's last target).
-        Returns the logits of the extra inputs (scored with the pre-update weights).
+        Returns the logits (B, n, V) of the extra inputs and their NLL (B, n), scored with the pre-update weights.
         """
         m, n_pend = self.model, self.n_pending
         committed = [(k[:, :, : k.shape[2] - n_pend], v[:, :, : v.shape[2] - n_pend]) for k, v in self.kv]
@@ -247,7 +256,7 @@ class _SuffixRun:
         self.fast = {k: v.detach() for k, v in out.fast.items()}
         self.kv = _append_kv(committed, [(k.detach(), v.detach()) for k, v in out.kv], _cache_keep(m))
         self.pending_h, self.pending_tok = h[:, :0], targets[:, :0]
-        return out.logits[:, n_pend:].detach()
+        return out.logits[:, n_pend:].detach(), out.nll[:, n_pend:].detach()
 
 
 # ---- meta_loss (training) ---------------------------------------------------------------------------
@@ -263,8 +272,15 @@ def meta_loss(
     ``ilr_scale`` multiplies ttt_lr (the official inner-lr warm-up ramps it 0.1 -> 1).
     """
     check_tokens(tokens, model.cfg, min_len=2)
-    with torch.enable_grad():  # the inner steps need autograd even when the caller evaluates under no_grad
+    # the inner steps need autograd even when the caller evaluates under no_grad; eager elementwise ops,
+    # since compiled kernels have no double backward
+    with torch.enable_grad(), unfused():
         return _meta_loss(model, tokens, checkpoint, ilr_scale)
+
+
+def _unfused_twice() -> tuple:
+    """Checkpoint contexts: the recomputation (in backward, maybe on another thread) stays eager too."""
+    return unfused(), unfused()
 
 
 def _meta_loss(model: TTTModel, tokens: torch.Tensor, checkpoint: bool, ilr_scale: float) -> torch.Tensor:
@@ -287,7 +303,7 @@ def _meta_loss(model: TTTModel, tokens: torch.Tensor, checkpoint: bool, ilr_scal
         args = (model, fast, kv, h[:, s : s + cfg.ttt_chunk], targets[:, s : s + cfg.ttt_chunk])
         kw = dict(lr=cfg.ttt_lr * ilr_scale, update=s != starts[-1], create_graph=True, backend="math")
         out = (
-            _checkpoint(suffix_chunk_step, *args, use_reentrant=False, **kw)
+            _checkpoint(suffix_chunk_step, *args, use_reentrant=False, context_fn=_unfused_twice, **kw)
             if checkpoint
             else suffix_chunk_step(*args, **kw)
         )

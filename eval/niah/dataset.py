@@ -251,3 +251,32 @@ def iter_samples(
                     )  # fmt: skip
                     guess = s.n_units
                     yield s
+
+
+def iter_samples_interleaved(
+    specs: Sequence[TaskSpec],
+    *,
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    n_samples: int,
+    seed: int,
+    tokenizer: TokenizerLike,
+    corpora: dict[str, Corpus],
+    custom: Sequence[CustomNeedle] = (),
+) -> Iterator[Sample]:
+    """The same samples as ``iter_samples`` in coverage order: index, then depth, then length, then task, so
+    any prefix of the stream spreads evenly over tasks and lengths (a time-boxed run stays comparable)."""
+    for spec in specs:
+        if spec.haystack != "needle" and corpora.get(spec.haystack) is None:
+            raise ValueError(f"task {spec.name} needs a {spec.haystack!r} haystack; none was loaded")
+    guess: dict[tuple[str, int], int] = {}
+    for i in range(n_samples):
+        for depth in depths:
+            for length in lengths:
+                for spec in specs:
+                    s = build_sample(
+                        spec, tokenizer=tokenizer, target_length=length, depth=depth, index=i, seed=seed,
+                        corpus=corpora.get(spec.haystack), custom=custom, guess=guess.get((spec.name, length)),
+                    )  # fmt: skip
+                    guess[(spec.name, length)] = s.n_units
+                    yield s

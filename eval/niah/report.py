@@ -25,18 +25,28 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
     by_stl: dict[tuple, list[float]] = defaultdict(list)
     by_io: dict[tuple, list[float]] = defaultdict(list)
     by_heat: dict[tuple, list[float]] = defaultdict(list)
+    by_iol: dict[tuple, list[float]] = defaultdict(list)
     lat: dict[str, list[float]] = defaultdict(list)
+    prep: dict[str, list[float]] = defaultdict(list)
     for r in records:
         if r.get("score") is None:
             continue
         s, t, n = r["system"], r["task"], r["length"]
+        side = "inside" if r["inside_window"] else "outside"
         by_stl[(s, t, n)].append(r["score"])
-        by_io[(s, t, "inside" if r["inside_window"] else "outside")].append(r["score"])
+        by_io[(s, t, side)].append(r["score"])
+        by_iol[(s, t, n, side)].append(r["score"])
         by_heat[(s, t, r["depth"], n)].append(r["score"])
         lat[s].append(r["latency_s"])
+        prep[s].append(r.get("prepare_s") or 0.0)
     scores: dict[str, Any] = defaultdict(lambda: defaultdict(dict))
+    counts: dict[str, Any] = defaultdict(lambda: defaultdict(dict))
     for (s, t, n), v in sorted(by_stl.items()):
         scores[s][t][str(n)] = _mean(v)
+        counts[s][t][str(n)] = len(v)
+    io_len: dict[str, Any] = defaultdict(lambda: defaultdict(dict))
+    for (s, t, n, k), v in sorted(by_iol.items()):
+        io_len[s][t].setdefault(str(n), {})[k] = {"score": _mean(v), "n": len(v)}
     io: dict[str, Any] = defaultdict(lambda: defaultdict(dict))
     for (s, t, k), v in sorted(by_io.items()):
         io[s][t][k] = {"score": _mean(v), "n": len(v)}
@@ -46,9 +56,12 @@ def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
     latency = {s: round(sum(v) / len(v), 4) for s, v in lat.items()}
     return {
         "scores": _plain(scores),
+        "counts": _plain(counts),
         "inside_outside": _plain(io),
+        "inside_outside_by_length": _plain(io_len),
         "heatmap": _plain(heat),
         "mean_latency_s": latency,
+        "mean_prepare_s": {s: round(sum(v) / len(v), 4) for s, v in prep.items()},
     }
 
 
@@ -83,8 +96,10 @@ def summary_md(agg: dict[str, Any], meta: dict[str, Any]) -> str:
                 f"{_fmt(io[k]['score'])} (n={io[k]['n']})" if k in io else "-" for k in ("inside", "outside")
             ]
             lines.append(f"| {s} | {t} | " + " | ".join(cells) + " |")
-    lines += ["", "## Mean latency per prediction (s)", "", "| system | latency |", "|---|---:|"]
-    lines += [f"| {s} | {v} |" for s, v in agg["mean_latency_s"].items()]
+    lines += ["", "## Mean seconds per sample: answer (latency) and per-sample setup (index / ingest)", ""]
+    lines += ["| system | latency | setup |", "|---|---:|---:|"]
+    prep = agg.get("mean_prepare_s", {})
+    lines += [f"| {s} | {v} | {prep.get(s, '-')} |" for s, v in agg["mean_latency_s"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -176,3 +191,108 @@ def write_report(
     (out / "summary.md").write_text(summary_md(agg, meta), encoding="utf-8")
     log.info("NIAH report in %s (%d records, %d plots)", out, len(records), len(plots))
     return payload
+
+
+# ---- README material ---------------------------------------------------------------------------------------
+SYSTEM_ORDER = ("hybrid", "fused", "retrieval", "bm25", "dense", "regex", "ttt", "swa", "full")
+SYSTEM_NOTE = {
+    "bm25": "bm25 (recall@k)", "dense": "dense (recall@k)", "regex": "regex (value pattern)",
+    "full": "full (FA control)", "hybrid": "hybrid (auto route)",
+}  # fmt: skip
+
+
+def load_results(results_dir: str | Path) -> dict[str, Any]:
+    """``results.json`` of a run; per-length inside/outside splits are recomputed from ``records.jsonl`` for
+    results written before they were stored (only records of the run's systems, tasks and lengths)."""
+    import json
+
+    d = Path(results_dir)
+    path = d / "results.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: pass the output dir of a NIAH run")
+    res = json.loads(path.read_text(encoding="utf-8"))
+    if "inside_outside_by_length" not in res or "counts" not in res:
+        from eval.niah.runner import RECORDS, load_records
+
+        cfg = res.get("config", {})
+        keep = lambda r: (  # noqa: E731
+            r["system"] in cfg.get("systems", [r["system"]]) and r["task"] in cfg.get("tasks", [r["task"]])
+            and r["length"] in cfg.get("lengths", [r["length"]])
+        )  # fmt: skip
+        recs = [r for r in load_records(d / RECORDS).values() if keep(r)]
+        log.warning("%s predates per-length splits: recomputed from %d records", path, len(recs))
+        agg = aggregate(recs)
+        res["inside_outside_by_length"], res["counts"] = agg["inside_outside_by_length"], agg["counts"]
+    return res
+
+
+def _pct(x: float | None, n: int | None = None) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.0f}" if n is None else f"{x:.0f} <sub>{n}</sub>"
+
+
+def readme_table(res: dict[str, Any], img_dir: str = "") -> tuple[str, list[str]]:
+    """Markdown for the README: one row per (task, system), one column per length, accuracy in % (RULER
+    string_match_all x100, mean over depths and samples); ``ttt`` also split into rows for needles inside and
+    outside its attention window, with the sample count as a subscript. Returns (markdown, heatmap paths)."""
+    scores, counts, io_len = res["scores"], res.get("counts", {}), res.get("inside_outside_by_length", {})
+    lengths = sorted({int(n) for s in scores.values() for t in s.values() for n in t})
+    tasks = list(dict.fromkeys(t for s in scores.values() for t in s))
+    systems = [s for s in SYSTEM_ORDER if s in scores] + [s for s in scores if s not in SYSTEM_ORDER]
+    window = res.get("data", {}).get("model_window")
+    notes = dict(SYSTEM_NOTE)
+    if not res.get("config", {}).get("sys", {}).get("full_model_dir"):
+        notes["full"] = "full (TTT weights, window=None)"
+    head = "| task | system | " + " | ".join(str(n) for n in lengths) + " |"
+    lines = [head, "|---|---|" + "---:|" * len(lengths)]
+    for t in tasks:
+        for s in systems:
+            row = scores.get(s, {}).get(t)
+            if row is None:
+                continue
+            cells = [_pct(row.get(str(n))) for n in lengths]
+            lines.append(f"| {t} | {notes.get(s, s)} | " + " | ".join(cells) + " |")
+            if s == "ttt":
+                for side in ("inside", "outside"):
+                    split = io_len.get(s, {}).get(t, {})
+                    cells = [_pct(*_score_n(split.get(str(n), {}).get(side))) for n in lengths]
+                    label = f"ttt, needle {side} the {window}-token window"
+                    lines.append(f"| {t} | {label} | " + " | ".join(cells) + " |")
+    n_cells = [n for s in counts.values() for t in s.values() for n in t.values()]
+    dev = res.get("device", {})
+    foot = (
+        f"\nAccuracy in % (RULER string_match_all), mean over needle depths "
+        f"{', '.join(f'{float(d):g}' for d in res.get('config', {}).get('depths', []))}% and samples; "
+        f"{min(n_cells, default=0)}-{max(n_cells, default=0)} samples per cell (subscripts: samples in that split). "
+        f"Device {', '.join(res.get('data', {}).get('record_devices') or [dev.get('gpu', dev.get('device', '?'))])}, "
+        f"git `{res.get('git_sha', '?')}`, seed {res.get('seed')}."
+    )
+    if not res.get("data", {}).get("complete", True):
+        done, planned = res["data"].get("samples_done"), res["data"].get("samples_planned")
+        foot += f" Time-boxed run: {done} of {planned} planned samples."
+    prefix = img_dir.rstrip("/") + "/" if img_dir else ""
+    heatmaps = [prefix + p for p in res.get("plots", []) if p.startswith("heatmap_")]
+    return "\n".join(lines) + "\n" + foot + "\n", heatmaps
+
+
+def _score_n(cell: dict[str, Any] | None) -> tuple[float | None, int | None]:
+    return (None, None) if not cell else (cell["score"], cell["n"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Print the README table and heatmap list of a NIAH run.")
+    ap.add_argument("results_dir", help="a run's output dir (holds results.json, records.jsonl, PNGs)")
+    ap.add_argument("--img-dir", default=None, help="path prefix for the heatmaps (default: RESULTS_DIR)")
+    a = ap.parse_args(argv)
+    table, heatmaps = readme_table(load_results(a.results_dir), a.img_dir or a.results_dir)
+    print(table)  # noqa: T201 - CLI output
+    print("Heatmaps (depth x length, gkamradt layout):\n")  # noqa: T201
+    print("\n".join(f"- ![{Path(p).stem}]({p})" for p in heatmaps))  # noqa: T201
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    main()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
 import uuid
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ LOWLEX_TEMPLATE = (
 )
 LOWLEX_PREFIX = " Answer: the number is"
 CUSTOM_TEMPLATE = "{context}\n\nQuestion: {question}"
+WORDLISTS_ENV = "TTT_RAG_WONDERWORDS_DIR"  # a dir with adjectivelist.txt + nounlist.txt (no wonderwords pkg)
 CUSTOM_PREFIX = "\nAnswer:"
 
 # Synonym pairs for the low-overlap variant: the needle uses one side, the question the other, so the
@@ -161,23 +163,30 @@ class Sample:
 # ---- key / value generators ------------------------------------------------------------------------------
 @cache
 def _wordlists() -> tuple[list[str], list[str]]:
-    """wonderwords 3.0.1 adjective and noun lists (what RULER loads), from the package or ../shared."""
+    """wonderwords 3.0.1 adjective and noun lists (what RULER loads): from ``$TTT_RAG_WONDERWORDS_DIR`` when
+    set, else the package, else ``../shared/data/ruler/wonderwords_3.0.1``."""
     from eval.niah.haystack import REPO_ROOT
 
-    try:
-        from importlib.resources import files
+    env = os.environ.get(WORDLISTS_ENV)
+    if not env:
+        try:
+            from importlib.resources import files
 
-        base = files("wonderwords") / "assets"
-        adj = base.joinpath("adjectivelist.txt").read_text().split()
-        noun = base.joinpath("nounlist.txt").read_text().split()
-    except (ModuleNotFoundError, FileNotFoundError):
-        d = REPO_ROOT.parent / "shared" / "data" / "ruler" / "wonderwords_3.0.1"
-        if not d.is_dir():
-            raise ImportError(
-                "RULER keys need wonderwords' word lists: pip install 'ttt-rag[eval]'"
-            ) from None
-        adj = (d / "adjectivelist.txt").read_text().split()
-        noun = (d / "nounlist.txt").read_text().split()
+            base = files("wonderwords") / "assets"
+            return (
+                base.joinpath("adjectivelist.txt").read_text().split(),
+                base.joinpath("nounlist.txt").read_text().split(),
+            )
+        except (ImportError, FileNotFoundError):
+            pass
+    d = Path(env) if env else REPO_ROOT.parent / "shared" / "data" / "ruler" / "wonderwords_3.0.1"
+    if not (d / "adjectivelist.txt").is_file() or not (d / "nounlist.txt").is_file():
+        raise ImportError(
+            f"RULER keys need wonderwords' word lists: pip install 'ttt-rag[eval]' or set {WORDLISTS_ENV} "
+            f"to a dir with adjectivelist.txt and nounlist.txt ({d} has none)"
+        )
+    adj = (d / "adjectivelist.txt").read_text().split()
+    noun = (d / "nounlist.txt").read_text().split()
     return adj, noun
 
 

@@ -1,0 +1,228 @@
+"""Fast decoding: preallocated ring-buffer KV caches, one dedicated per-token step, CUDA graphs.
+
+``DecodeSession(model, state)`` continues a sequence that ``prefill`` has read, one token per ``step``, with
+exactly the semantics of feeding each token through ``prefill`` (``ttt/inner.py``'s streaming rule; the test
+``tests/test_decode.py`` checks logits and greedy tokens against that path), but without its per-token costs
+(concatenating and re-rotating the window cache every token, one kernel launch per op):
+
+- every layer keeps a ring of ``window`` slots holding post-RoPE keys and values at *absolute* positions
+  (RoPE angles are computed in float64, so positions up to millions stay exact; attention only depends on
+  offsets, so the slot order does not matter); full attention (``window=None``) keeps a linear buffer;
+- TTT blocks also keep their pre-RoPE keys, and a snapshot of the ``window - 1`` committed positions before
+  the current chunk: once ``b`` tokens of a chunk and the token after them exist, the chunk's SGD step runs
+  through ``ttt.inner.suffix_chunk_step`` (same function as prefill) and the new fast weights are copied into
+  the session's buffers (fp32 master + a compute-dtype copy for the per-token matmuls);
+- on CUDA, once the rings are full the per-token step has static shapes and addresses and is captured in a
+  CUDA graph (``cuda_graph=True``); the TTT step every ``b`` tokens runs eagerly between replays.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ttt.inner import check_state, suffix_chunk_step
+from ttt.model import KV, Block, TTTModel, swiglu_batched
+from ttt.state import TTTState
+
+
+def rope_cos_sin(pos: torch.Tensor, dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """cos/sin (n, D/2) of absolute positions pos (n,), computed in float64 (exact up to millions)."""
+    inv = theta ** (-torch.arange(0, dim, 2, device=pos.device, dtype=torch.float64) / dim)
+    ang = pos.to(torch.float64)[:, None] * inv[None, :]  # (n, D/2)
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Apply RoPE to x (..., n, D) with cos/sin (n, D/2); same pairing conventions as ``model.apply_rope``."""
+    xf = x.to(cos.dtype)
+    if interleaved:
+        x0, x1 = xf[..., 0::2], xf[..., 1::2]
+        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    else:
+        h = x.shape[-1] // 2
+        x0, x1 = xf[..., :h], xf[..., h:]
+        out = torch.cat((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
+    return out.to(x.dtype)
+
+
+class DecodeSession:
+    """Per-token decoding from a prefilled state. ``step(tokens (B,)) -> logits (B, V)`` (fp32)."""
+
+    def __init__(
+        self,
+        model: TTTModel,
+        state: TTTState,
+        *,
+        max_new_tokens: int = 0,
+        cuda_graph: bool = True,
+        consume_state: bool = False,
+    ) -> None:
+        """``max_new_tokens`` sizes the full-attention buffer; ``consume_state=True`` frees each layer's cache
+        in ``state`` once copied (a 128K full-attention cache would otherwise be held twice)."""
+        cfg = model.cfg
+        assert state.pos > 0 and state.last_logits is not None, "DecodeSession needs a state that read tokens"
+        check_state(model, state, state.pending_tokens)
+        self.model, self.cfg = model, cfg
+        self.B, self.pos = state.batch_size, state.pos  # pos = index of the next token to feed
+        dev = model.tok_emb.weight.device
+        self.dtype = model.tok_emb.weight.dtype
+        self.rope_dtype = torch.promote_types(self.dtype, torch.float32)
+        self.slots = cfg.window if cfg.window is not None else state.pos + max_new_tokens + 1
+        self.use_graph = cuda_graph and dev.type == "cuda" and cfg.window is not None
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self.fast = {k: v.clone() for k, v in state.fast.items()}  # fp32 master copies
+        self.fast_lp = {k: v.to(self.dtype) for k, v in self.fast.items()}  # compute-dtype copies
+        self.pending_h = torch.zeros(self.B, cfg.ttt_chunk, cfg.d_model, device=dev, dtype=self.dtype)
+        self.pending_tok = torch.zeros(self.B, cfg.ttt_chunk + 1, dtype=torch.long, device=dev)
+        self.n_pend = state.n_pending
+        self.pending_h[:, : self.n_pend] = state.pending_h
+        self.pending_tok[:, : self.n_pend] = state.pending_tokens
+        self._fill_caches(state, dev, consume_state)
+        # static inputs of the per-token step (filled before every eager call or graph replay)
+        self.tok_buf = torch.zeros(self.B, dtype=torch.long, device=dev)
+        self.pos_buf = torch.zeros(1, dtype=torch.long, device=dev)
+        self.pend_idx = torch.zeros(1, dtype=torch.long, device=dev)
+
+    # ---- set-up -------------------------------------------------------------------------------------
+    def _fill_caches(self, state: TTTState, dev: torch.device, consume: bool) -> None:
+        cfg, n_pre = self.cfg, self.cfg.n_prefix_layers
+        shape = (self.B, cfg.n_kv_heads, self.slots, cfg.head_dim)
+        self.k: list[torch.Tensor] = []  # allocated layer by layer (with consume, the peak is one layer over)
+        self.v: list[torch.Tensor] = []
+        self.k_pre: list[torch.Tensor] = []
+        self.snap: list[KV] = []  # TTT blocks: pre-RoPE committed (k, v) before the pending chunk
+        for i in range(len(state.kv)):  # by index: consume=True frees each layer before the next
+            k, v = state.kv[i]
+            L = k.shape[2]
+            self.k.append(torch.zeros(shape, device=dev, dtype=self.dtype))
+            self.v.append(torch.zeros(shape, device=dev, dtype=self.dtype))
+            if i >= n_pre:
+                self.k_pre.append(torch.zeros(shape, device=dev, dtype=self.dtype))
+            n = min(L, self.slots)  # TTT blocks may hold window-1 committed + pending: keep the last window
+            pos = torch.arange(self.pos - n, self.pos, device=dev)
+            cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, self.rope_dtype)
+            slot = pos % self.slots
+            self.k[i][:, :, slot] = rotate(k[:, :, L - n :], cos, sin, cfg.rope_interleaved).to(self.dtype)
+            self.v[i][:, :, slot] = v[:, :, L - n :].to(self.dtype)
+            if i >= n_pre:
+                self.k_pre[i - n_pre][:, :, slot] = k[:, :, L - n :].to(self.dtype)
+                n_com = L - self.n_pend
+                self.snap.append((k[:, :, :n_com].to(self.dtype), v[:, :, :n_com].to(self.dtype)))
+            if consume:
+                empty = k.new_zeros(k.shape[0], k.shape[1], 0, k.shape[3])
+                state.kv[i] = (empty, empty)
+            del k, v
+
+    @property
+    def n_valid(self) -> int:
+        """Cache slots holding a visible key for the next token (the token itself included)."""
+        return min(self.pos + 1, self.slots)
+
+    # ---- the per-token step -------------------------------------------------------------------------
+    def _attend(
+        self, blk: Block, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """Attention of one token x (B, 1, d) at position pos_buf; writes its k/v into the ring."""
+        cfg, a = self.cfg, blk.attn
+        B = x.shape[0]
+        q = a.q_norm(a.wq(x).view(B, 1, cfg.n_heads, cfg.head_dim).transpose(1, 2))  # (B, H, 1, D)
+        k = a.k_norm(a.wk(x).view(B, 1, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2))  # (B, Hkv, 1, D)
+        v = a.wv(x).view(B, 1, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+        slot = self.pos_buf % self.slots  # (1,) on device: graph-safe indexing
+        self.k[i].index_copy_(2, slot, rotate(k, cos, sin, cfg.rope_interleaved))
+        self.v[i].index_copy_(2, slot, v)
+        if i >= cfg.n_prefix_layers:
+            self.k_pre[i - cfg.n_prefix_layers].index_copy_(2, slot, k)
+        n = self.n_valid  # host int: == slots (static) once the ring is full
+        kk, vv = self.k[i][:, :, :n], self.v[i][:, :, :n]
+        o = F.scaled_dot_product_attention(
+            rotate(q, cos, sin, cfg.rope_interleaved), kk, vv, enable_gqa=cfg.n_kv_heads != cfg.n_heads
+        )  # (B, H, 1, D): every cached slot is visible (the ring holds exactly the window)
+        return a.wo(o.transpose(1, 2).reshape(B, 1, -1))
+
+    def _forward_token(self) -> torch.Tensor:
+        """tok_buf at pos_buf -> logits (B, V); records the suffix input in the pending chunk buffer."""
+        cfg, m = self.cfg, self.model
+        cos, sin = rope_cos_sin(self.pos_buf, cfg.head_dim, cfg.rope_theta, self.rope_dtype)  # (1, D/2)
+        h = m.embed(self.tok_buf[:, None])  # (B, 1, d)
+        for i, blk in enumerate(m.blocks):
+            if i == cfg.n_prefix_layers:
+                self.pending_h.index_copy_(1, self.pend_idx, h)
+            h = h + blk.attn_post(self._attend(blk, i, blk.attn_norm(h), cos, sin))
+            if blk.has_prime:
+                p = blk.prime_norm(h)
+                h = h + blk.prime_post(swiglu_batched(p, m.block_fast(self.fast_lp, i)))
+            h = h + blk.mlp_post(blk.mlp(blk.mlp_norm(h)))
+        return m.head(h)[:, 0]  # (B, V) fp32
+
+    # ---- the TTT step every b tokens ------------------------------------------------------------------
+    def _ttt_step(self, next_tok: torch.Tensor) -> None:
+        """The pending chunk is full and its last target (next_tok) known: one SGD step, as in prefill."""
+        cfg, m, b = self.cfg, self.model, self.cfg.ttt_chunk
+        targets = torch.cat((self.pending_tok[:, 1:b], next_tok[:, None]), 1)  # (B, b)
+        with torch.inference_mode(False), torch.enable_grad():
+            fast = {k: v.clone().requires_grad_(True) for k, v in self.fast.items()}
+            snap = [(k.clone(), v.clone()) for k, v in self.snap]  # (no inference tensors in the graph)
+            out = suffix_chunk_step(m, fast, snap, self.pending_h.clone(), targets.clone(),
+                                    lr=cfg.ttt_lr, update=True, create_graph=False, backend="auto")  # fmt: skip
+        for k, w in out.fast.items():
+            self.fast[k].copy_(w.detach())
+            self.fast_lp[k].copy_(w.detach())
+        # committed positions before the next chunk: the last window-1 tokens, all in the ring right now
+        n_com = self.pos if cfg.window is None else min(cfg.window - 1, self.pos)
+        slots = torch.arange(self.pos - n_com, self.pos, device=self.pos_buf.device) % self.slots
+        self.snap = [
+            (self.k_pre[j][:, :, slots], self.v[cfg.n_prefix_layers + j][:, :, slots])
+            for j in range(cfg.n_ttt_layers)
+        ]
+        self.n_pend = 0
+
+    # ---- public -------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed tokens (B,) at the next position; returns the next-token logits (B, V) fp32."""
+        assert tokens.shape == (self.B,), f"expected ({self.B},) token ids, got {tuple(tokens.shape)}"
+        cfg = self.cfg
+        if cfg.n_ttt_layers and self.n_pend == cfg.ttt_chunk:
+            self._ttt_step(tokens)
+        assert self.pos < self.slots or cfg.window is not None, "full-attention buffer is full"
+        self.tok_buf.copy_(tokens)
+        self.pos_buf.fill_(self.pos)
+        if cfg.n_ttt_layers:
+            self.pend_idx.fill_(self.n_pend)
+            self.pending_tok[:, self.n_pend] = tokens
+        if self.use_graph and self.pos + 1 >= self.slots:
+            logits = self._replay()
+        else:
+            logits = self._forward_token()
+        self.pos += 1
+        self.n_pend += 1 if cfg.n_ttt_layers else 0
+        return logits.clone()
+
+    def _replay(self) -> torch.Tensor:
+        """Run the per-token step through a CUDA graph (captured on first use, ring full)."""
+        if self._graph is None:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):  # warm-up outside capture (allocator, cuBLAS workspaces); idempotent
+                self._forward_token()
+            torch.cuda.current_stream().wait_stream(s)
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._graph_out = self._forward_token()
+        self._graph.replay()
+        return self._graph_out
+
+
+def decode_bytes(model: TTTModel, context: int, batch: int = 1) -> int:
+    """Bytes the session's caches take for ``context`` tokens (rings, pre-RoPE rings, snapshots, fast)."""
+    cfg = model.cfg
+    el = model.tok_emb.weight.element_size()
+    slots = cfg.window if cfg.window is not None else context
+    per = batch * cfg.n_kv_heads * cfg.head_dim * el
+    n = 2 * cfg.n_layers * slots + cfg.n_ttt_layers * (slots + 2 * max(0, slots - 1))
+    fast = batch * 3 * cfg.d_model * cfg.prime_hidden * cfg.n_ttt_layers * (4 + el)
+    return per * n + fast + math.prod((batch, cfg.ttt_chunk, cfg.d_model)) * el
