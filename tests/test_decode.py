@@ -85,3 +85,20 @@ def test_rope_absolute_positions_exact_at_a_million() -> None:
     s_far = (rotate(q.float(), cq, sq, True) * rotate(k.float(), ck, sk, True)).sum()
     s_near = (apply_rope(q, 3, theta, True) * apply_rope(k, 0, theta, True)).sum()
     assert abs(s_far.item() - s_near.item()) < 1e-4 * max(1.0, abs(s_near.item()))
+
+
+@pytest.mark.parametrize("window", [None, 24])
+def test_plain_model_prefill_head_slices_equal_forward(
+    monkeypatch: pytest.MonkeyPatch, window: int | None
+) -> None:
+    """A no-TTT prefill scores long inputs a slice of positions at a time: same NLL as the one-shot forward."""
+    import ttt.inner
+
+    monkeypatch.setattr(ttt.inner, "HEAD_SLICE", 5)
+    model = _model(n_ttt_layers=0, window=window)
+    x = torch.randint(0, 97, (2, 37))
+    out = model.prefill(x)
+    logp = torch.log_softmax(model(x), -1)  # (B, T, V)
+    ref = -logp[:, :-1].gather(-1, x[:, 1:, None])[..., 0]
+    assert (out.token_nll[:, 1:] - ref).abs().max().item() < 1e-10
+    assert (out.last_logits - model(x)[:, -1]).abs().max().item() < 1e-10

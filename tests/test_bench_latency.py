@@ -1,0 +1,54 @@
+"""CPU checks of the latency benchmark's bookkeeping: memory formulas and the summary's ratios."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from eval.bench_latency import _summary, bench_memory
+from ttt import ModelConfig, TTTModel
+
+
+def test_memory_formula_matches_a_real_state_and_cache() -> None:
+    torch.manual_seed(0)
+    e2e = TTTModel(ModelConfig.from_name("debug", vocab_size=64, window=16, ttt_chunk=8)).bfloat16()
+    fa = TTTModel(ModelConfig.fa_control("debug", vocab_size=64)).bfloat16()
+    x = torch.randint(0, 64, (1, 48))
+    st = e2e.prefill(x).state
+    fa_kv = sum(
+        k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in fa.prefill(x).state.kv
+    )
+    m = bench_memory({"e2e": e2e, "fa": fa}, 48)
+    assert m["fa_kv_bytes"] == fa_kv
+    fast = sum(t.numel() * t.element_size() for t in st.fast.values())
+    assert m["ttt_fast_bytes"] == fast
+    # the SWA part: window - 1 cached tokens in every layer (pending chunk tokens excluded)
+    prefix_kv = sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in st.kv[:-1])
+    assert m["ttt_swa_kv_bytes"] == pytest.approx(prefix_kv * e2e.cfg.n_layers / (e2e.cfg.n_layers - 1))
+
+
+def test_summary_ratios() -> None:
+    M = 1 << 20
+    res = {
+        "device": "x",
+        "prefill_batch1": [
+            {"T": 8192, "e2e": {"s_per_1k": 0.05}},
+            {"T": 131072, "e2e": {"s_per_1k": 0.06, "mfu": 0.3}, "fa": {"s_per_1k": 0.09}},
+            {"T": M, "e2e": {"s_per_1k": 0.066}, "fa": {"s_per_1k": 0.66}},
+        ],
+        "decode": [
+            {"ctx": 8192, "e2e": {"ms_per_token_mean": 5.0}},
+            {"ctx": M, "e2e": {"ms_per_token_mean": 5.5}},
+            {"ctx": 131072, "e2e": {"ms_per_token_mean": 5.0}, "fa": {"error": "OOM"}},
+        ],  # fmt: skip
+        "memory": [{"T": 131072, "fa_over_ttt": 10.5}],
+        "train": {"e2e_over_fa": 3.0},
+    }
+    s = _summary(res, "3b")
+    assert s["prefill_speedup_vs_fa_128k_3b"] == pytest.approx(1.5)
+    assert s["prefill_speedup_vs_fa_1m_3b"] == pytest.approx(10.0)
+    assert s["prefill_flatness_128k_over_8k"] == pytest.approx(1.2)
+    assert s["prefill_flatness_1m_over_128k"] == pytest.approx(1.1)
+    assert s["decode_flatness_1m_over_8k"] == pytest.approx(1.1)
+    assert s["decode_speedup_vs_fa_128k"] is None  # FA failed: no ratio is invented
+    assert s["state_memory_ratio_128k"] == 10.5 and s["meta_train_slowdown_vs_fa_8k"] == 3.0
