@@ -56,21 +56,14 @@ def summary(ms: list[float]) -> dict[str, float]:
     return {"median_ms": statistics.median(s), "min_ms": s[0], "max_ms": s[-1], "n": len(s)}
 
 
-def sdpa_context(fa: bool, strict: bool = True):
-    """Pin cuDNN attention for the full-attention baseline (gpu-notes: ~1.5x the flash backend).
-
-    strict: cuDNN only, so the record says which kernel ran (an unsupported shape raises and is recorded);
-    otherwise cuDNN first, then flash / memory-efficient (decode, where cuDNN may refuse one query).
-    """
+def sdpa_context(fa: bool):
+    """Pin cuDNN attention for the full-attention baseline (gpu-notes: ~1.5x the flash backend), and only
+    cuDNN, so the record says which kernel ran (an unsupported shape raises and is recorded)."""
     if not fa:
         return nullcontext()
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if strict:
-        return sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
-    return sdpa_kernel(
-        [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
-    )
+    return sdpa_kernel([SDPBackend.CUDNN_ATTENTION])
 
 
 # ---- models ----------------------------------------------------------------------------------------
@@ -165,19 +158,16 @@ def _timed_prefill(kind: str, model: TTTModel, bufs: list[torch.Tensor], T: int,
         with torch.no_grad(), sdpa_context(kind == "fa"):
             seg = args.segment if long else None
             last: dict[str, Any] = {}  # the timed call's output: its state serves decode at T
-            if kind == "e2e":
 
-                def fn(i: int, m: TTTModel = model) -> None:
-                    last["out"] = e2e_prefill(m, bufs[i % len(bufs)], args.backend, seg)
+            def run(x: torch.Tensor) -> None:
+                if kind == "e2e":
+                    last["out"] = e2e_prefill(model, x, args.backend, seg)
+                else:
+                    fa_prefill(model, x, seg)
 
-            else:
-                fn = lambda i, m=model: fa_prefill(m, bufs[i % len(bufs)], seg)  # noqa: E731
             if long:
-                short = [bufs[0][:, : 2 * seg]]
-                e2e_prefill(model, short[0], args.backend, seg) if kind == "e2e" else fa_prefill(
-                    model, short[0], seg
-                )
-            rec = summary(cuda_time(fn, warmup=warm, iters=iters))
+                run(bufs[0][:, : 2 * seg])
+            rec = summary(cuda_time(lambda i: run(bufs[i % len(bufs)]), warmup=warm, iters=iters))
             rec["segment"] = seg
             if keep_state is not None and "out" in last:
                 keep_state[kind] = last["out"].state

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from ttt import ModelConfig, TTTModel
-from ttt.decode import DecodeSession, rope_cos_sin, rotate
-from ttt.model import apply_rope
+from ttt.decode import DecodeSession, rope_cos_sin
+from ttt.model import apply_rope, rope_rotate
 
 
 def _model(**over: object) -> TTTModel:
@@ -82,7 +82,7 @@ def test_rope_absolute_positions_exact_at_a_million() -> None:
     far = torch.tensor([1_000_003, 1_000_000])
     cq, sq = rope_cos_sin(far[:1], D, theta, torch.float32)
     ck, sk = rope_cos_sin(far[1:], D, theta, torch.float32)
-    s_far = (rotate(q.float(), cq, sq, True) * rotate(k.float(), ck, sk, True)).sum()
+    s_far = (rope_rotate(q.float(), cq, sq, True) * rope_rotate(k.float(), ck, sk, True)).sum()
     s_near = (apply_rope(q, 3, theta, True) * apply_rope(k, 0, theta, True)).sum()
     assert abs(s_far.item() - s_near.item()) < 1e-4 * max(1.0, abs(s_near.item()))
 

@@ -108,6 +108,7 @@ def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
 # ---- FlexAttention ---------------------------------------------------------------------------------
 _FLEX: dict[str, object] = {}
 _MASK_MODS: dict[tuple, tuple] = {}  # (Tq, Tk, window, device) -> (mask_mod, its key_pad buffer)
+_PAD_IN_BUFFER: dict[int, int] = {}  # id(key_pad buffer) -> the value it holds (skips redundant fills)
 _BLOCK_MASKS: dict[tuple, object] = {}  # ... + key_pad -> BlockMask
 _BLOCK_MASK_CACHE = 64
 
@@ -143,12 +144,12 @@ def _mask_mod(tq: int, tk: int, window: int | None, device: torch.device) -> tup
 def _block_mask(tq: int, tk: int, window: int | None, pad: int, device: torch.device) -> object:
     """Cached BlockMask (which 128x128 blocks to skip / compute fully / mask) for one shape and pad."""
     mask_mod, pad_buf = _mask_mod(tq, tk, window, device)
-    if _FLEX.get(("pad", id(pad_buf))) != pad:
+    if _PAD_IN_BUFFER.get(id(pad_buf)) != pad:
         # in stream order, the kernels that follow read this pad. Through .data: the buffer is saved for the
         # backward of earlier calls, which all ran (and were differentiated) with their own pad before this
         # change; every call of one autograd graph (the TTT blocks of a chunk) shares one pad.
         pad_buf.data.fill_(pad)
-        _FLEX[("pad", id(pad_buf))] = pad
+        _PAD_IN_BUFFER[id(pad_buf)] = pad
     key = (tq, tk, window, str(device), pad)
     bm = _BLOCK_MASKS.get(key)
     if bm is None:

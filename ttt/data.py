@@ -209,6 +209,17 @@ class _ShardWriter:
             self.buf, self.buf_len = [], 0
 
 
+def _prepare(
+    tar_path: str | Path, out_dir: str | Path, tok: Tokenizer, val_frac: float, min_val_books: int
+) -> tuple[Path, dict[str, str]]:
+    """Create ``out_dir``, check the tokenizer fits uint16 shards, split the books (shared by both builders)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if tok.vocab_size > 65535:
+        raise ValueError(f"uint16 shards need vocab_size <= 65535, got {tok.vocab_size}")
+    return out, split_books(list_book_ids(tar_path), val_frac, min_val_books)
+
+
 def build_shards(
     tar_path: str | Path, out_dir: str | Path, tok: Tokenizer, cfg: DataConfig | None = None
 ) -> dict[str, Any]:
@@ -216,11 +227,7 @@ def build_shards(
     from ttt.synth import SynthConfig, synth_documents
 
     cfg = cfg or DataConfig()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if tok.vocab_size > 65535:
-        raise ValueError(f"uint16 shards need vocab_size <= 65535, got {tok.vocab_size}")
-    split = split_books(list_book_ids(tar_path), cfg.val_frac, cfg.min_val_books)
+    out, split = _prepare(tar_path, out_dir, tok, cfg.val_frac, cfg.min_val_books)
     writers = {s: _ShardWriter(out, s, cfg.shard_tokens) for s in SPLITS}
     books: list[dict[str, Any]] = []
     synth_cfg = SynthConfig(share=cfg.synth_share, seed=cfg.seed)
@@ -586,11 +593,7 @@ def build_qa_stream(
     held-out books. Every training book gives about ``train_tokens / n_train_books`` tokens.
     """
     cfg = cfg or QADataConfig()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if tok.vocab_size > 65535:
-        raise ValueError(f"uint16 shards need vocab_size <= 65535, got {tok.vocab_size}")
-    split = split_books(list_book_ids(tar_path), cfg.val_frac, cfg.min_val_books)
+    out, split = _prepare(tar_path, out_dir, tok, cfg.val_frac, cfg.min_val_books)
     n_train = sum(v == "train" for v in split.values())
     n_val = len(split) - n_train
     if cfg.max_books is not None:

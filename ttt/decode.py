@@ -18,13 +18,11 @@ exactly the semantics of feeding each token through ``prefill`` (``ttt/inner.py`
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
 from ttt.inner import check_state, suffix_chunk_step
-from ttt.model import KV, Block, TTTModel, swiglu_batched
+from ttt.model import KV, Block, TTTModel, rope_rotate, swiglu_batched
 from ttt.state import TTTState
 
 
@@ -33,19 +31,6 @@ def rope_cos_sin(pos: torch.Tensor, dim: int, theta: float, dtype: torch.dtype) 
     inv = theta ** (-torch.arange(0, dim, 2, device=pos.device, dtype=torch.float64) / dim)
     ang = pos.to(torch.float64)[:, None] * inv[None, :]  # (n, D/2)
     return ang.cos().to(dtype), ang.sin().to(dtype)
-
-
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Apply RoPE to x (..., n, D) with cos/sin (n, D/2); same pairing conventions as ``model.apply_rope``."""
-    xf = x.to(cos.dtype)
-    if interleaved:
-        x0, x1 = xf[..., 0::2], xf[..., 1::2]
-        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
-    else:
-        h = x.shape[-1] // 2
-        x0, x1 = xf[..., :h], xf[..., h:]
-        out = torch.cat((x0 * cos - x1 * sin, x1 * cos + x0 * sin), dim=-1)
-    return out.to(x.dtype)
 
 
 class DecodeSession:
@@ -105,7 +90,9 @@ class DecodeSession:
             pos = torch.arange(self.pos - n, self.pos, device=dev)
             cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, self.rope_dtype)
             slot = pos % self.slots
-            self.k[i][:, :, slot] = rotate(k[:, :, L - n :], cos, sin, cfg.rope_interleaved).to(self.dtype)
+            self.k[i][:, :, slot] = rope_rotate(k[:, :, L - n :], cos, sin, cfg.rope_interleaved).to(
+                self.dtype
+            )
             self.v[i][:, :, slot] = v[:, :, L - n :].to(self.dtype)
             if i >= n_pre:
                 self.k_pre[i - n_pre][:, :, slot] = k[:, :, L - n :].to(self.dtype)
@@ -132,14 +119,14 @@ class DecodeSession:
         k = a.k_norm(a.wk(x).view(B, 1, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2))  # (B, Hkv, 1, D)
         v = a.wv(x).view(B, 1, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
         slot = self.pos_buf % self.slots  # (1,) on device: graph-safe indexing
-        self.k[i].index_copy_(2, slot, rotate(k, cos, sin, cfg.rope_interleaved))
+        self.k[i].index_copy_(2, slot, rope_rotate(k, cos, sin, cfg.rope_interleaved))
         self.v[i].index_copy_(2, slot, v)
         if i >= cfg.n_prefix_layers:
             self.k_pre[i - cfg.n_prefix_layers].index_copy_(2, slot, k)
         n = self.n_valid  # host int: == slots (static) once the ring is full
         kk, vv = self.k[i][:, :, :n], self.v[i][:, :, :n]
         o = F.scaled_dot_product_attention(
-            rotate(q, cos, sin, cfg.rope_interleaved), kk, vv, enable_gqa=cfg.n_kv_heads != cfg.n_heads
+            rope_rotate(q, cos, sin, cfg.rope_interleaved), kk, vv, enable_gqa=cfg.n_kv_heads != cfg.n_heads
         )  # (B, H, 1, D): every cached slot is visible (the ring holds exactly the window)
         return a.wo(o.transpose(1, 2).reshape(B, 1, -1))
 
@@ -215,14 +202,3 @@ class DecodeSession:
                 self._graph_out = self._forward_token()
         self._graph.replay()
         return self._graph_out
-
-
-def decode_bytes(model: TTTModel, context: int, batch: int = 1) -> int:
-    """Bytes the session's caches take for ``context`` tokens (rings, pre-RoPE rings, snapshots, fast)."""
-    cfg = model.cfg
-    el = model.tok_emb.weight.element_size()
-    slots = cfg.window if cfg.window is not None else context
-    per = batch * cfg.n_kv_heads * cfg.head_dim * el
-    n = 2 * cfg.n_layers * slots + cfg.n_ttt_layers * (slots + 2 * max(0, slots - 1))
-    fast = batch * 3 * cfg.d_model * cfg.prime_hidden * cfg.n_ttt_layers * (4 + el)
-    return per * n + fast + math.prod((batch, cfg.ttt_chunk, cfg.d_model)) * el

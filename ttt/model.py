@@ -71,6 +71,11 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
     return (xf * _up(weight)).to(x.dtype)
 
 
+def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate x (..., T, D) by precomputed cos/sin (T, D/2) (fused on CUDA); shared by prefill and decode."""
+    return _fused("rope", _rope, x)(x, cos, sin, interleaved)
+
+
 def _rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     xf = _up(x)
     D = x.shape[-1]
@@ -105,7 +110,7 @@ def apply_rope(x: torch.Tensor, start: int, theta: float, interleaved: bool) -> 
     inv = theta ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float64) / D)
     pos = torch.arange(start, start + T, device=x.device, dtype=torch.float64)
     ang = (pos[:, None] * inv[None, :]).to(torch.promote_types(x.dtype, torch.float32))  # (T, D/2)
-    return _fused("rope", _rope, x)(x, ang.cos(), ang.sin(), interleaved)
+    return rope_rotate(x, ang.cos(), ang.sin(), interleaved)
 
 
 def _norm(cfg: ModelConfig, dim: int, enabled: bool) -> nn.Module:

@@ -225,6 +225,16 @@ def build_sample(
     )
 
 
+def _corpus(spec: TaskSpec, corpora: dict[str, Corpus]) -> Corpus | None:
+    """The haystack corpus a task reads (None for needle-only tasks); ValueError when it was not loaded."""
+    if spec.haystack == "needle":
+        return None
+    corpus = corpora.get(spec.haystack)
+    if corpus is None:
+        raise ValueError(f"task {spec.name} needs a {spec.haystack!r} haystack; none was loaded")
+    return corpus
+
+
 def iter_samples(
     specs: Sequence[TaskSpec],
     *,
@@ -238,9 +248,7 @@ def iter_samples(
 ) -> Iterator[Sample]:
     """Every (task, length, depth, index) sample in a fixed order; ``corpora`` maps noise/essay to a Corpus."""
     for spec in specs:
-        corpus = corpora.get(spec.haystack) if spec.haystack != "needle" else None
-        if spec.haystack != "needle" and corpus is None:
-            raise ValueError(f"task {spec.name} needs a {spec.haystack!r} haystack; none was loaded")
+        corpus = _corpus(spec, corpora)
         for length in lengths:
             guess = None
             for depth in depths:
@@ -266,9 +274,7 @@ def iter_samples_interleaved(
 ) -> Iterator[Sample]:
     """The same samples as ``iter_samples`` in coverage order: index, then depth, then length, then task, so
     any prefix of the stream spreads evenly over tasks and lengths (a time-boxed run stays comparable)."""
-    for spec in specs:
-        if spec.haystack != "needle" and corpora.get(spec.haystack) is None:
-            raise ValueError(f"task {spec.name} needs a {spec.haystack!r} haystack; none was loaded")
+    corpus = {spec.name: _corpus(spec, corpora) for spec in specs}  # checked before the first sample
     guess: dict[tuple[str, int], int] = {}
     for i in range(n_samples):
         for depth in depths:
@@ -276,7 +282,7 @@ def iter_samples_interleaved(
                 for spec in specs:
                     s = build_sample(
                         spec, tokenizer=tokenizer, target_length=length, depth=depth, index=i, seed=seed,
-                        corpus=corpora.get(spec.haystack), custom=custom, guess=guess.get((spec.name, length)),
+                        corpus=corpus[spec.name], custom=custom, guess=guess.get((spec.name, length)),
                     )  # fmt: skip
                     guess[(spec.name, length)] = s.n_units
                     yield s
