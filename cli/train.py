@@ -96,7 +96,7 @@ def pack_cmd(
 def run_cmd(
     data: Path = typer.Option(..., help="shard dir (packed or full)"),
     run_dir: Path = typer.Option(..., help="checkpoints + log; rerun the same command to resume"),
-    mode: str = typer.Option("e2e", help="e2e (meta_loss) | fa | swa"),
+    mode: str = typer.Option("e2e", help="e2e (meta_loss) | frozen (TTT model, update off) | fa | swa"),
     model: str = typer.Option("debug", help="ModelConfig preset"),
     set_: list[str] = typer.Option([], "--set", help="model override key=value (JSON value), repeatable"),
     seq_len: int = typer.Option(1024),

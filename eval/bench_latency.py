@@ -18,10 +18,12 @@ Sections (each recorded even when it fails, with the error, e.g. out of memory):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
+import os
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from typing import Any
 
@@ -134,12 +136,51 @@ def prefill_flops_per_token(model: TTTModel, T: int) -> float:
 
 
 # ---- sections --------------------------------------------------------------------------------------
+def fa_block_mlp_chunked(blk: torch.nn.Module, x: torch.Tensor, chunk: int) -> torch.Tensor:
+    """One full-attention ``Block`` forward (no cache) with its MLP run over ``chunk``-token slices.
+
+    Attention runs in one pass (the fused causal kernel); the MLP is per position, so slicing it changes no
+    value (tests/test_bench_latency.py) and bounds its (T, mlp_hidden) intermediates, which at 1M tokens of the
+    3b shape do not fit beside attention's q/k/v. FLOPs are those of ``blk(x)``.
+    """
+    assert not blk.has_prime, "full-attention control blocks have no prime MLP"
+    a, _ = blk.attn(blk.attn_norm(x), None, "auto")
+    x = x + blk.attn_post(a)  # (B, T, d)
+    del a
+    out = torch.empty_like(x)
+    for s in range(0, x.shape[1], chunk):
+        xs = x[:, s : s + chunk]
+        out[:, s : s + chunk] = xs + blk.mlp_post(blk.mlp(blk.mlp_norm(xs)))
+    return out
+
+
 def fa_one_layer_ms(model: TTTModel, T: int, args: argparse.Namespace) -> float:
-    """Median ms of ONE full-attention block over T tokens (batch 1): long FA prefills are timed per layer."""
+    """Median ms of ONE full-attention block over T tokens (batch 1): long FA prefills are timed per layer
+    (attention in one cuDNN pass, the MLP in ``--segment`` slices: same FLOPs, bounded memory)."""
     h = torch.randn(1, T, model.cfg.d_model, device="cuda", dtype=torch.bfloat16)
+    chunk = args.segment or T
     with torch.no_grad(), sdpa_context(True):
-        ms = cuda_time(lambda i: model.blocks[0](h, None, "auto"), warmup=1, iters=max(1, args.iters // 2))
+        ms = cuda_time(
+            lambda i: fa_block_mlp_chunked(model.blocks[0], h, chunk),
+            warmup=1,
+            iters=1 if T > args.long_from else max(1, args.iters // 2),
+        )
     return statistics.median(ms)
+
+
+@contextlib.contextmanager
+def only_resident(models: dict[str, TTTModel], keep: str) -> Iterator[None]:
+    """Move every model but ``models[keep]`` to the CPU for the block (a 128K full-attention cache needs the
+    room), and back afterwards."""
+    away = [m for k, m in models.items() if k != keep and next(m.parameters()).is_cuda]
+    for m in away:
+        m.to("cpu")
+    torch.cuda.empty_cache()
+    try:
+        yield
+    finally:
+        for m in away:
+            m.to("cuda")
 
 
 def _timed_prefill(kind: str, model: TTTModel, bufs: list[torch.Tensor], T: int, B: int,
@@ -225,8 +266,10 @@ def bench_decode(
             continue
         try:
             n = model.cfg.ttt_chunk + 64 if model.cfg.n_ttt_layers else 64
-            # SDPA's default choice for one query (flash): cuDNN builds a new plan for every cache length
-            with torch.no_grad():
+            # SDPA's default choice for one query (flash): cuDNN builds a new plan for every cache length.
+            # Full attention decodes with only its own model on the GPU: its cache is the memory at stake.
+            alone = only_resident(models, kind) if kind == "fa" else nullcontext()
+            with torch.no_grad(), alone:
                 state = (states or {}).get(kind)
                 if state is None:
                     state = model.prefill(torch.randint(0, args.vocab, (1, ctx), device="cuda")).state
@@ -415,6 +458,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     assert torch.cuda.is_available(), "bench_latency needs a CUDA GPU"
+    # long FA prefills/decodes allocate caches of tens of GB between smaller tensors: without expandable
+    # segments the allocator fragments (measured: 23 GB reserved but unallocated at a 128K FA decode OOM)
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     torch.backends.cuda.matmul.allow_tf32 = True
     name = args.name or f"latency-{args.preset}-{'smoke' if args.smoke else 'full'}"
     res: dict[str, Any] = run_metadata(vars(args), seed=0)

@@ -189,6 +189,8 @@ def train_config(a: argparse.Namespace, data: Path) -> Any:
         ilr_init=1.0,  # the shipped model is past its inner-lr warm-up
         init_from=str(a.model_dir),
         inner_checkpoint=a.inner_checkpoint,
+        meta_every=a.meta_every,
+        answer_weight=a.answer_weight,
         seed=a.seed,
         device=a.device,
         max_minutes=a.minutes,
@@ -200,14 +202,16 @@ def train_config(a: argparse.Namespace, data: Path) -> Any:
     )
 
 
-def probe_step_seconds(cfg: Any, probe_dir: Path, device: Any, n: int = 3) -> float:
-    """Seconds per optimizer step of ``cfg`` on this device (one warm-up step, then the mean of ``n``)."""
+def probe_step_seconds(cfg: Any, probe_dir: Path, device: Any) -> float:
+    """Seconds per optimizer step of ``cfg`` on this device: one warm-up step, then the mean of the next
+    ``max(3, meta_every)`` (steps 1..meta_every hold exactly one meta step, as every later window does)."""
     import torch
 
     from ttt.train import _setup, train_step
 
     run = _setup(dataclasses.replace(cfg, steps=10**6, max_minutes=None), probe_dir)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    n = max(3, cfg.meta_every)
     train_step(run)
     sync()
     t0 = time.perf_counter()
@@ -247,6 +251,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     res["train"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(tr).items()}
     res["train_config"] = cfg.to_dict()
     export(work / "run", a.out)
+    if a.no_after:
+        return res
     t1 = time.perf_counter()
     res["after"] = evaluate_model(Path(a.out), data, a, device)
     res["eval_after_s"] = round(time.perf_counter() - t1, 1)
@@ -295,6 +301,12 @@ def build(a: argparse.Namespace) -> dict[str, Any]:
         train_tokens=a.tokens,
         seq_len=a.seq,
         synth_share=a.synth_share,
+        weights=(a.kv_weight, *([(1 - a.kv_weight) / 3] * 3)),
+        kv_max_tokens=a.kv_max_tokens,
+        kv_sources_share=a.kv_sources_share,
+        kv_sentence_share=a.kv_sentence_share,
+        kv_attributes=a.kv_attributes,
+        train_seed=a.train_seed,
         seed=a.seed,
         eval_questions=a.eval_n,
         max_books=a.max_books,
@@ -324,6 +336,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     b.add_argument("--tokens", type=int, default=22_000_000, help="training tokens")
     b.add_argument("--synth-share", type=float, default=0.5, help="share of synthetic tokens")
+    b.add_argument("--kv-weight", type=float, default=0.7, help="share of kv documents among synthetic ones")
+    b.add_argument("--kv-max-tokens", type=int, default=1800, help="longest plain-layout kv passage")
+    b.add_argument("--kv-sources-share", type=float, default=0.4, help="kv docs in the reader's layout")
+    b.add_argument("--kv-sentence-share", type=float, default=0.6, help="kv answers restating the key")
+    b.add_argument("--kv-attributes", choices=("base", "wide"), default="base", help="kv attribute names")
+    b.add_argument("--train-seed", type=int, default=0, help="varies the training rows (eval set unchanged)")
     b.add_argument("--max-books", type=int, default=None, help="only the first N books (quick runs)")
     b.add_argument("--no-compress", action="store_true", help="keep plain .npy shards")
     for name, sp in (
@@ -340,7 +358,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
         if name == "run":
             r.add_argument("--out", required=True, help="export dir of the fine-tuned model (bf16)")
-            r.add_argument("--mode", choices=("e2e", "fa", "swa"), required=True, help="e2e = meta_loss")
+            r.add_argument(
+                "--mode",
+                choices=("e2e", "frozen", "fa", "swa"),
+                required=True,
+                help="e2e = meta_loss; frozen = the TTT model read with its update off (the hybrid reader)",
+            )
+            r.add_argument(
+                "--meta-every", type=int, default=0, help="frozen: every N-th step is a meta_loss step"
+            )
+            r.add_argument(
+                "--answer-weight", type=float, default=1.0, help="loss weight of answer tokens (plain steps)"
+            )
             r.add_argument("--work", default=None, help="run dir (checkpoints; default /tmp/qa-ft-<mode>)")
             r.add_argument("--steps", type=int, default=0, help="optimizer steps; 0 = fit --minutes (probed)")
             r.add_argument("--lr", type=float, default=1e-3, help="peak lr (pre-training used 3e-3)")
@@ -350,6 +379,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             )
             r.add_argument("--inner-checkpoint", action="store_true", help="meta_loss with less memory")
             r.add_argument("--no-before", action="store_true", help="skip the evaluation before training")
+            r.add_argument(
+                "--no-after", action="store_true", help="skip the evaluation after (run `eval` later)"
+            )
     for sp in (b, *[sub.choices[n] for n in ("run", "eval")]):
         sp.add_argument("--seq", type=int, default=2048, help="sequence length (build: row length)")
         sp.add_argument("--seed", type=int, default=0, help="data / training seed")

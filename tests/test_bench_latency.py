@@ -52,3 +52,17 @@ def test_summary_ratios() -> None:
     assert s["decode_flatness_1m_over_8k"] == pytest.approx(1.1)
     assert s["decode_speedup_vs_fa_128k"] is None  # FA failed: no ratio is invented
     assert s["state_memory_ratio_128k"] == 10.5 and s["meta_train_slowdown_vs_fa_8k"] == 3.0
+
+
+def test_fa_block_with_chunked_mlp_equals_the_block() -> None:
+    """The 1M full-attention timing runs a block with its MLP in slices: same values as Block.forward (fp64),
+    for slices that divide T and ones that do not."""
+    from eval.bench_latency import fa_block_mlp_chunked
+
+    torch.manual_seed(0)
+    fa = TTTModel(ModelConfig.fa_control("debug", vocab_size=64)).double()
+    x = torch.randn(2, 50, fa.cfg.d_model, dtype=torch.float64)
+    for blk in fa.blocks:
+        ref, _ = blk(x, None, "math")
+        for chunk in (7, 25, 50, 64):
+            torch.testing.assert_close(fa_block_mlp_chunked(blk, x, chunk), ref, rtol=1e-12, atol=1e-12)

@@ -187,3 +187,26 @@ def test_default_config_reproduces_the_pretraining_stream() -> None:
     docs = synth_documents(fake_book(random.Random(11), 300), "A/B.txt", SynthConfig(share=0.2))
     digest = hashlib.sha256(json.dumps(docs).encode()).hexdigest()
     assert len(docs) == 11 and digest == "e90e2203ec76d0607db4959b9f83c7d9112b93c100f773047e302ecc6097c402"
+
+
+def test_wide_attributes_only_when_asked_and_never_an_eval_phrase(book: str) -> None:
+    """kv_attributes="wide" draws multi-word attribute names too (training); "base" never does (the held-out
+    question set); no wide name is a RULER phrase, and wide documents still state the queried values."""
+    import dataclasses
+
+    from ttt.synth import WIDE_ATTRIBUTES, is_clean
+
+    assert all(is_clean(f"The {a} of x is 1.") for a in WIDE_ATTRIBUTES)
+    assert not set(WIDE_ATTRIBUTES) & set(ATTRIBUTES)
+    real_like = book * 2
+    paragraphs = [p for p in real_like.split("\n\n") if p.strip()]
+    vocab = book_vocabulary(real_like)
+    for kind, want_wide in (("base", False), ("wide", True)):
+        cfg, rng = dataclasses.replace(KV, kv_attributes=kind), random.Random(7)
+        exs = [e for e in (kv_example(paragraphs, vocab, rng, cfg) for _ in range(400)) if e is not None]
+        wide = [e for e in exs if e.attr in WIDE_ATTRIBUTES]
+        assert bool(wide) == want_wide, (kind, len(wide))
+        for e in wide[:50]:
+            assert is_clean(e.prompt) and all(v in e.prompt for v in e.values)
+    with pytest.raises(ValueError, match="kv_attributes"):
+        dataclasses.replace(KV, kv_attributes="all")

@@ -17,9 +17,11 @@ from ttt.train import (
     CKPT_FILE,
     LOG_FILE,
     TrainConfig,
+    compute_loss,
     evaluate,
     export,
     ilr_scale_at,
+    is_meta_step,
     lr_at,
     train,
 )
@@ -71,7 +73,7 @@ def test_lr_schedule_matches_formula() -> None:
     assert ilr_scale_at(100, cfg) == ilr_scale_at(900, cfg) == 1.0
 
 
-@pytest.mark.parametrize("mode", ["e2e", "fa"])
+@pytest.mark.parametrize("mode", ["e2e", "frozen", "fa"])
 def test_a_few_steps_lower_the_validation_loss(data_dir: Path, tmp_path: Path, mode: str) -> None:
     cfg = _cfg(data_dir, mode=mode, steps=10, lr=2e-2, batch_size=4, eval_every=0, ckpt_every=100)
     res = train(cfg, tmp_path / mode)
@@ -90,7 +92,43 @@ def test_a_few_steps_lower_the_validation_loss(data_dir: Path, tmp_path: Path, m
     assert res.val_loss is not None and res.val_loss < before - 0.5, (
         f"{mode}: {before:.3f} -> {res.val_loss:.3f}"
     )
-    assert (fresh.cfg.n_ttt_layers > 0) == (mode == "e2e") and (fresh.cfg.window is None) == (mode == "fa")
+    assert (fresh.cfg.n_ttt_layers > 0) == (mode != "fa") and (fresh.cfg.window is None) == (mode == "fa")
+
+
+def test_frozen_step_is_meta_loss_with_inner_lr_zero(data_dir: Path) -> None:
+    """mode frozen trains the hybrid reader's setting: its plain-forward loss and gradients equal meta_loss with
+    the inner lr scaled to 0 (float64), while its meta steps (every meta_every-th) are meta_loss itself."""
+    from ttt.config import ModelConfig
+    from ttt.data import SequenceLoader
+    from ttt.model import TTTModel
+
+    torch.manual_seed(0)
+    model = TTTModel(ModelConfig.from_name("debug", **_TINY, vocab_size=512, bos_id=1)).double()
+    tokens = SequenceLoader(data_dir, "train", 32, 2, shuffle=False).next_batch()
+    cfg = _cfg(data_dir, mode="frozen", meta_every=3)
+    assert [is_meta_step(cfg, s) for s in range(7)] == [False, False, True, False, False, True, False]
+    assert all(is_meta_step(_cfg(data_dir, mode="e2e"), s) for s in range(3))
+    assert not any(is_meta_step(_cfg(data_dir, mode="frozen"), s) for s in range(5))
+    plain = compute_loss(model, tokens, cfg, step=0)
+    g_plain = torch.autograd.grad(plain, list(model.parameters()), allow_unused=True)
+    ref = model.meta_loss(tokens, ilr_scale=0.0)
+    g_ref = torch.autograd.grad(ref, list(model.parameters()), allow_unused=True)
+    assert abs(float(plain.detach()) - float(ref.detach())) < 1e-10, (
+        float(plain.detach()),
+        float(ref.detach()),
+    )
+    for a, b in zip(g_plain, g_ref, strict=True):
+        if a is None or b is None:
+            assert (a is None or not a.abs().any()) and (b is None or not b.abs().any())
+            continue
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)
+    meta = compute_loss(model, tokens, cfg, step=2)
+    with torch.no_grad():
+        want = model.meta_loss(tokens, ilr_scale=ilr_scale_at(2, cfg))
+    assert abs(float(meta.detach()) - float(want.detach())) < 1e-12
+    assert abs(float(meta.detach()) - float(plain.detach())) > 1e-6, (
+        "a meta step must update the fast weights while reading"
+    )
 
 
 def test_resume_is_bit_identical(data_dir: Path, tmp_path: Path) -> None:
@@ -133,6 +171,10 @@ def test_time_budget_stops_and_checkpoints(data_dir: Path, tmp_path: Path) -> No
 def test_bad_config_raises() -> None:
     with pytest.raises(ValueError, match="mode must be one of"):
         TrainConfig(data_dir="x", mode="fast")
+    with pytest.raises(ValueError, match="meta_every"):
+        TrainConfig(data_dir="x", mode="e2e", meta_every=2)
+    with pytest.raises(ValueError, match="answer_weight"):
+        TrainConfig(data_dir="x", mode="e2e", answer_weight=4.0)
     with pytest.raises(ValueError, match="seq_len must be >= 1"):
         TrainConfig(data_dir="x", seq_len=0)
 
@@ -159,3 +201,51 @@ def test_export_loads_with_from_pretrained(data_dir: Path, tmp_path: Path) -> No
         assert torch.equal(v, sd[k].float()), f"init_from did not load {k}"
     with pytest.raises(ValueError, match="config differs"):
         train(_cfg(data_dir, mode="fa", init_from=str(out)), tmp_path / "bad")
+
+
+def _answer_mask_brute(seq: list[int], marker: list[int], resets: set[int]) -> list[bool]:
+    out, inside = [], False
+    for t, tok in enumerate(seq):
+        if tok in resets:
+            inside = False
+        if t + 1 >= len(marker) and seq[t + 1 - len(marker) : t + 1] == marker:
+            inside = True
+        out.append(inside)
+    return out
+
+
+def test_answer_mask_matches_a_scan_and_weights_the_loss() -> None:
+    """answer_mask == a plain left-to-right scan on random streams with planted markers; the weighted loss ==
+    the float64 weighted mean of per-token CE written out by hand; weight 1 == the unweighted loss."""
+    from ttt.config import ModelConfig
+    from ttt.model import TTTModel
+    from ttt.train import answer_mask, lm_loss
+
+    g = torch.Generator().manual_seed(0)
+    marker, resets = [5, 6, 7], {1, 2}
+    x = torch.randint(3, 12, (4, 200), generator=g)
+    for b in range(4):  # plant markers and resets at random places
+        for t in torch.randint(0, 197, (6,), generator=g).tolist():
+            x[b, t : t + 3] = torch.tensor(marker)
+        x[b, torch.randint(0, 200, (5,), generator=g)] = torch.tensor([1, 2, 1, 2, 2])
+    got = answer_mask(x, marker, sorted(resets))
+    for b in range(4):
+        assert got[b].tolist() == _answer_mask_brute(x[b].tolist(), marker, resets)
+    assert got.any() and not got.all()
+
+    torch.manual_seed(0)
+    model = TTTModel(ModelConfig.from_name("debug", **_TINY, vocab_size=16, bos_id=1)).double()
+    tokens = x[:, :33]
+    with torch.no_grad():
+        logits = model(tokens[:, :-1])
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
+        w = answer_mask(tokens[:, :-1], marker, [1, 2]).double() * 3.0
+        w = torch.where(w > 0, w, torch.ones_like(w)) * (tokens[:, 1:] != 1)
+        want = float((ce * w).sum() / w.sum())
+        got_w = float(lm_loss(model, tokens, (marker, [1, 2], 3.0)))
+        plain = float(lm_loss(model, tokens))
+        assert (
+            abs(got_w - want) < 1e-12
+            and abs(float(lm_loss(model, tokens, (marker, [1, 2], 1.0))) - plain) < 1e-12
+        )
+        assert abs(got_w - plain) > 1e-6

@@ -77,3 +77,25 @@ def test_prefill_flex_and_graphed_decode_match_reference_on_cuda() -> None:
     e = DecodeSession(m, a.state, cuda_graph=False)
     worst = max((g.step(t) - e.step(t)).abs().max().item() for t in feed)
     assert g._graph is not None and worst < 1e-4
+
+
+@pytest.mark.gpu
+def test_auto_backend_compiles_flex_only_for_repeating_or_long_shapes() -> None:
+    """auto: chunk-shaped calls (Tq < window) and whole sequences from FLEX_MIN_QUERIES take flex; prompts of
+    varying length below that take SDPA's band path (no compile per prompt); both equal explicit attention."""
+    from ttt.attention import BACKEND_CALLS, FLEX_MIN_QUERIES, attention, auto_backend
+
+    q = torch.zeros(1, 2, 1000, 64, device="cuda", dtype=torch.bfloat16)
+    assert auto_backend(q, 1000, 512) == "sdpa"
+    assert auto_backend(q[:, :, :128], 128 + 511, 512) == "flex"
+    assert auto_backend(q, 1000, 1000) == "sdpa"  # the window covers every key: plain causal
+    long_q = torch.zeros(1, 2, FLEX_MIN_QUERIES, 64, device="cuda", dtype=torch.bfloat16)
+    assert auto_backend(long_q, FLEX_MIN_QUERIES, 512) == "flex"
+    torch.manual_seed(0)
+    for n in (777, 1000, 1301):
+        q, k, v = (torch.randn(1, 2, n, 64, device="cuda") for _ in range(3))
+        BACKEND_CALLS.clear()
+        out = attention(q, k, v, window=512, backend="auto")
+        assert BACKEND_CALLS == {"sdpa": 1}, dict(BACKEND_CALLS)
+        ref = attention(q.double(), k.double(), v.double(), window=512, backend="math")
+        assert (out.double() - ref).abs().max().item() < 1e-4

@@ -40,6 +40,7 @@ BACKEND_CALLS: Counter[str] = Counter()
 # sdpa with a band mask runs query blocks of this size, so the boolean mask stays (block, block + window)
 # instead of (T, T); the GPU fast path (FlexAttention) can replace this
 SDPA_QUERY_BLOCK = 4096
+FLEX_MIN_QUERIES = 16384  # auto: flex for whole-sequence calls only from this many queries (see auto_backend)
 
 
 def band_mask(tq: int, tk: int, window: int | None, device: torch.device | None = None) -> torch.Tensor:
@@ -188,11 +189,19 @@ def flex_usable(q: torch.Tensor) -> bool:
 
 
 def auto_backend(q: torch.Tensor, tk: int, window: int | None) -> str:
-    """flash-attn when installed; on CUDA FlexAttention when the window cuts keys off; else SDPA."""
+    """flash-attn when installed; on CUDA FlexAttention when the window cuts keys off and the shape repeats
+    (chunk-shaped calls, padded to one key length) or is long enough to pay for its compile; else SDPA.
+
+    Flex compiles one kernel per (Tq, Tk) (10-30 s each): prompts of varying length (an eval, a server) below
+    ``FLEX_MIN_QUERIES`` take SDPA's query-blocked band path instead of compiling a kernel per prompt.
+    """
     if flash_usable(q):
         return "flash"
-    if flex_usable(q) and not _window_covers_all(q.shape[2], tk, window):
-        return "flex"
+    tq = q.shape[2]
+    if flex_usable(q) and not _window_covers_all(tq, tk, window):
+        assert window is not None
+        if tq < window or tq >= FLEX_MIN_QUERIES:
+            return "flex"
     return "sdpa"
 
 

@@ -33,7 +33,7 @@ import re
 import shutil
 import tarfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -449,6 +449,11 @@ class QADataConfig:
     kinds: tuple[str, ...] = ("kv", "copy", "continue", "number")
     weights: tuple[float, ...] = (0.7, 0.1, 0.1, 0.1)
     eval_questions: int = 200  # held-out kv questions from the validation books (half reader layout)
+    kv_max_tokens: int = 1800  # longest plain-layout kv training passage (rows of seq_len drop longer docs)
+    kv_sources_share: float = 0.4  # training kv docs in the hybrid reader's numbered-sources layout
+    kv_sentence_share: float = 0.6  # training kv answers that restate the key before the value
+    kv_attributes: str = "base"  # training kv docs: "wide" adds multi-word attribute names (ttt.synth)
+    train_seed: int = 0  # varies the training rows only (0 = the original stream); eval questions keep seed
     reader_prompt_tokens: int = 384  # reader-layout questions fit the hybrid budget (window 512 - 128 new)
     val_frac: float = 0.025  # the split of ``DataConfig`` (same defaults = the same held-out books)
     min_val_books: int = 8
@@ -468,7 +473,16 @@ class QADataConfig:
     def synth_config(self, seed_offset: int = 0) -> Any:
         from ttt.synth import SynthConfig
 
-        return SynthConfig(share=0.5, seed=self.seed + seed_offset, kinds=self.kinds, weights=self.weights)
+        return SynthConfig(
+            share=0.5,
+            seed=self.seed + seed_offset,
+            kinds=self.kinds,
+            weights=self.weights,
+            kv_max_tokens=self.kv_max_tokens,
+            kv_sources_share=self.kv_sources_share,
+            kv_sentence_share=self.kv_sentence_share,
+            kv_attributes=self.kv_attributes,
+        )
 
 
 class _BookText:
@@ -514,7 +528,7 @@ def _qa_rows(book: Book, tok: Tokenizer, n_rows: int, cfg: QADataConfig, counts:
 
     from ttt.synth import book_vocabulary
 
-    rng = random.Random(f"{cfg.seed}:qa:{book.id}")
+    rng = random.Random(f"{cfg.seed}:qa:{book.id}" + (f":{cfg.train_seed}" if cfg.train_seed else ""))
     scfg = cfg.synth_config()
     paragraphs = [p for p in book.text.split("\n\n") if p.strip()]
     vocab = book_vocabulary(book.text)
@@ -544,10 +558,18 @@ def _qa_eval_items(book: Book, tok: Tokenizer, n: int, cfg: QADataConfig) -> lis
     """``n`` held-out kv questions from one validation book: half in the reader layout (short), half long."""
     import random
 
-    from ttt.synth import book_vocabulary, is_clean, kv_example
+    from ttt.synth import SynthConfig, book_vocabulary, is_clean, kv_example
 
     rng = random.Random(f"{cfg.seed}:qa-eval:{book.id}")
-    scfg = cfg.synth_config()
+    # the training knobs (row-sized passages, layout and answer-style shares) leave the question set as it was
+    base = SynthConfig()
+    scfg = replace(
+        cfg.synth_config(),
+        kv_max_tokens=base.kv_max_tokens,
+        kv_sources_share=base.kv_sources_share,
+        kv_sentence_share=base.kv_sentence_share,
+        kv_attributes=base.kv_attributes,
+    )
     paragraphs = [p for p in book.text.split("\n\n") if p.strip()]
     vocab = book_vocabulary(book.text)
     items: list[dict[str, Any]] = []

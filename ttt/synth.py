@@ -82,6 +82,26 @@ ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "token": ("uuid", "words"),
     "codeword": ("words",),
 }
+# ``SynthConfig.kv_attributes="wide"`` adds these (multi-word names, so a reader learns to copy whatever the
+# attribute is called; none is an evaluation phrase). The held-out question set keeps the base list.
+WIDE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "lucky number": ("number",),
+    "reference number": ("number", "uuid"),
+    "secret code": ("number", "uuid", "words"),
+    "confirmation code": ("number", "uuid"),
+    "registration number": ("number",),
+    "room number": ("number",),
+    "catalogue number": ("number",),
+    "hidden key": ("uuid", "words"),
+    "private identifier": ("uuid",),
+    "favourite number": ("number",),
+    "launch code": ("number", "uuid"),
+    "secret phrase": ("words",),
+    "order number": ("number",),
+    "combination": ("number",),
+    "license key": ("uuid",),
+    "hidden word": ("words",),
+}
 STATEMENTS = (  # one fact; {key} {attr} {value}
     "The {attr} for {key} is {value}.",
     "{key}'s {attr} was {value}.",
@@ -147,6 +167,7 @@ class SynthConfig:
     kv_sources_max_tokens: int = 250  # reader-layout kv docs stay inside the reader's prompt budget
     kv_sources_share: float = 0.4  # share of kv docs in the hybrid reader's numbered-sources layout
     kv_sentence_share: float = 0.6  # share of kv answers that restate the key before the value
+    kv_attributes: str = "base"  # "base" = ATTRIBUTES; "wide" = ATTRIBUTES + WIDE_ATTRIBUTES
     chars_per_token: float = 3.5  # measured for the shipped 8192 BPE on the training books
 
     def __post_init__(self) -> None:
@@ -164,6 +185,8 @@ class SynthConfig:
             raise ValueError("need 0 < min_passage_chars <= max_passage_chars")
         if not 0 <= self.share < 1:
             raise ValueError(f"share must be in [0, 1), got {self.share}")
+        if self.kv_attributes not in ("base", "wide"):
+            raise ValueError(f"kv_attributes must be 'base' or 'wide', got {self.kv_attributes!r}")
         if not 0 < self.kv_min_tokens <= min(self.kv_max_tokens, self.kv_sources_max_tokens):
             raise ValueError("need 0 < kv_min_tokens <= kv_max_tokens and <= kv_sources_max_tokens")
 
@@ -328,11 +351,12 @@ def kv_example(
     if keys is None:
         return None
     vkind = rng.choices(VALUE_KINDS, weights=(0.5, 0.25, 0.25))[0]
-    attr = rng.choice([a for a, kinds in ATTRIBUTES.items() if vkind in kinds])
+    attrs = ATTRIBUTES if cfg.kv_attributes == "base" else {**ATTRIBUTES, **WIDE_ATTRIBUTES}
+    attr = rng.choice([a for a, kinds in attrs.items() if vkind in kinds])
     values = _values(vkind, n_facts, text, vocab, rng)
     if values is None:
         return None
-    facts = _facts(qkind, keys, values, n_queried, attr, vkind, rng)
+    facts = _facts(qkind, keys, values, n_queried, attr, vkind, rng, attrs)
     sentences = [_statement(k, a, v, qkind == "multi_value" and q, rng) for k, a, v, q in facts]
     context, order = _insert(text, sentences, rng)
     queried = [i for i in order if facts[i][3]]  # queried facts in text order
@@ -364,7 +388,14 @@ def kv_example(
 
 
 def _facts(
-    qkind: str, keys: list[str], values: list[str], n_queried: int, attr: str, vkind: str, rng: random.Random
+    qkind: str,
+    keys: list[str],
+    values: list[str],
+    n_queried: int,
+    attr: str,
+    vkind: str,
+    rng: random.Random,
+    attrs: dict[str, tuple[str, ...]],
 ) -> list[tuple[str, str, str, bool]]:
     """(key, attribute, value, queried) per fact: the queried ones first; distractors use the other keys."""
     q_keys = keys[:1] * n_queried if qkind == "multi_value" else keys[:n_queried]
@@ -372,7 +403,7 @@ def _facts(
     facts = [(k, attr, v, True) for k, v in zip(q_keys, values[:n_queried], strict=True)]
     for k, v in zip(d_keys, values[n_queried:], strict=True):
         same = rng.random() < 0.5  # a distractor of the same attribute half of the time
-        d_attr = attr if same else rng.choice([a for a, ks in ATTRIBUTES.items() if vkind in ks])
+        d_attr = attr if same else rng.choice([a for a, ks in attrs.items() if vkind in ks])
         facts.append((k, d_attr, v, False))
     return facts
 

@@ -28,6 +28,7 @@ import math
 import os
 import random
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,7 @@ from ttt.tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-MODES = ("e2e", "fa", "swa")
+MODES = ("e2e", "frozen", "fa", "swa")
 CKPT_FILE, CONFIG_FILE, LOG_FILE = "ckpt.pt", "train_config.json", "log.jsonl"
 # TrainConfig fields that may change between resumed commands (everything else must match the checkpoint)
 _RESUMABLE_CHANGES = {
@@ -65,7 +66,7 @@ class TrainConfig:
     data_dir: str  # output of ``ttt-rag train data`` / ``pack`` (shards + index.json + tokenizer.json)
     model: str = "debug"  # ModelConfig preset name
     model_overrides: dict[str, Any] = field(default_factory=dict)  # e.g. {"d_model": 512, "window": 512}
-    mode: str = "e2e"  # "e2e" | "fa" | "swa"
+    mode: str = "e2e"  # "e2e" | "frozen" (TTT model, inner update off: the hybrid reader) | "fa" | "swa"
     seq_len: int = 1024  # tokens per training sequence (inputs); each sample is seq_len + 1 tokens
     batch_size: int = 8  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -79,6 +80,11 @@ class TrainConfig:
     ilr_init: float = 0.1  # inner-lr multiplier at step 0 (e2e only)
     ilr_warmup_frac: float = 0.1  # ... ramps linearly to 1.0 over this share of steps
     init_from: str | None = None  # model dir (save_pretrained) to start from when run_dir has no ckpt.pt
+    meta_every: int = 0  # frozen mode: every N-th step is a meta_loss step (keeps W0 good for TTT); 0 = never
+    answer_weight: float = (
+        1.0  # plain-forward steps: loss weight of answer tokens (after answer_marker to EOS)
+    )
+    answer_marker: str = "\nAnswer:"  # where an answer starts in the QA documents (ttt.synth's prompts)
     inner_checkpoint: bool = False  # meta_loss(checkpoint=True): recompute chunks in backward (less memory)
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when available
@@ -93,6 +99,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not self.answer_weight > 0 or (self.answer_weight != 1.0 and self.mode == "e2e"):
+            raise ValueError(
+                f"answer_weight must be > 0 and needs plain-forward steps, got {self.answer_weight}"
+            )
+        if self.meta_every < 0 or (self.meta_every and self.mode != "frozen"):
+            raise ValueError(f"meta_every must be >= 0 and only set in mode 'frozen', got {self.meta_every}")
         for name in ("seq_len", "batch_size", "grad_accum", "steps", "ckpt_every", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -135,12 +147,12 @@ def ilr_scale_at(step: int, cfg: TrainConfig) -> float:
 
 # ---- model and losses ---------------------------------------------------------------------------------
 def model_config(cfg: TrainConfig, tok: Tokenizer) -> ModelConfig:
-    """The ModelConfig of this run's mode: e2e = preset, fa/swa = the preset's no-TTT controls."""
+    """The ModelConfig of this run's mode: e2e/frozen = preset, fa/swa = the preset's no-TTT controls."""
     over = {"vocab_size": tok.vocab_size, "bos_id": tok.bos_id, **cfg.model_overrides}
-    if cfg.mode == "e2e":
+    if cfg.mode in ("e2e", "frozen"):
         mcfg = ModelConfig.from_name(cfg.model, **over)
         if mcfg.n_ttt_layers == 0:
-            raise ValueError("mode 'e2e' needs n_ttt_layers > 0; use mode 'fa' or 'swa' for controls")
+            raise ValueError(f"mode {cfg.mode!r} needs n_ttt_layers > 0; use mode 'fa' or 'swa' for controls")
         return mcfg
     if cfg.mode == "fa":
         return ModelConfig.fa_control(cfg.model, **{**over, "window": None, "n_ttt_layers": 0})
@@ -154,18 +166,63 @@ def token_nll(model: TTTModel, tokens: torch.Tensor) -> torch.Tensor:
     return chunk_token_nll(model(tokens[:, :-1]).float(), tokens[:, 1:])  # (B, T)
 
 
-def lm_loss(model: TTTModel, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean next-token CE of ``model(tokens[:, :-1])``, BOS targets masked like meta_loss does."""
+def answer_mask(inputs: torch.Tensor, marker: Sequence[int], resets: Sequence[int]) -> torch.Tensor:
+    """(B, T) bool: True where the target after ``inputs[:, t]`` belongs to an answer, i.e. the latest ``marker``
+    token run ending at or before t comes after the latest reset token (BOS / EOS) at or before t. The EOS
+    that ends an answer is part of it (the reader learns to stop)."""
+    assert len(marker) > 0, "empty answer marker"
+    B, T = inputs.shape
+    ends = torch.ones_like(inputs, dtype=torch.bool)  # marker ends at t: inputs[t - j] == marker[-1 - j]
+    for j, m in enumerate(reversed(marker)):
+        ends[:, :j] = False
+        ends[:, j:] &= inputs[:, : T - j] == m
+    idx = torch.arange(T, device=inputs.device).expand(B, T)
+    last_marker = torch.where(ends, idx, -1).cummax(dim=1).values  # (B, T)
+    is_reset = torch.isin(inputs, torch.tensor(list(resets), device=inputs.device))
+    last_reset = torch.where(is_reset, idx, -1).cummax(dim=1).values
+    return last_marker > last_reset
+
+
+def lm_loss(
+    model: TTTModel, tokens: torch.Tensor, answer: tuple[Sequence[int], Sequence[int], float] | None = None
+) -> torch.Tensor:
+    """Mean next-token CE of ``model(tokens[:, :-1])``, BOS targets masked like meta_loss does.
+
+    ``answer = (marker ids, reset ids, weight)``: answer tokens (``answer_mask``) weigh ``weight`` times the
+    others in a weighted mean."""
     logits = model(tokens[:, :-1])  # (B, T, V)
     bos = model.cfg.bos_id
     ignore = -100 if bos is None else bos
-    return F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=ignore)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 CE under bf16; fp64 stays
+    if answer is None or answer[2] == 1.0:
+        return F.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten(), ignore_index=ignore)
+    ce = F.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], ignore_index=ignore, reduction="none")
+    w = torch.where(answer_mask(tokens[:, :-1], answer[0], answer[1]), answer[2], 1.0).to(ce.dtype)
+    w = w * (tokens[:, 1:] != ignore)  # (B, T)
+    return (ce * w).sum() / w.sum().clamp(min=1e-12)
 
 
-def compute_loss(model: TTTModel, tokens: torch.Tensor, cfg: TrainConfig, step: int) -> torch.Tensor:
+def is_meta_step(cfg: TrainConfig, step: int) -> bool:
+    """e2e: every step runs meta_loss; frozen: every ``meta_every``-th step (the others a plain forward)."""
     if cfg.mode == "e2e":
+        return True
+    return cfg.mode == "frozen" and cfg.meta_every > 0 and step % cfg.meta_every == cfg.meta_every - 1
+
+
+def compute_loss(
+    model: TTTModel,
+    tokens: torch.Tensor,
+    cfg: TrainConfig,
+    step: int,
+    answer_ids: tuple[Sequence[int], Sequence[int]] | None = None,
+) -> torch.Tensor:
+    """meta_loss (TTT while reading) on meta steps, else next-token CE of the plain forward (W0, no update),
+    answer tokens weighted by ``cfg.answer_weight`` (``answer_ids`` = (marker ids, reset ids))."""
+    if is_meta_step(cfg, step):
         return model.meta_loss(tokens, checkpoint=cfg.inner_checkpoint, ilr_scale=ilr_scale_at(step, cfg))
-    return lm_loss(model, tokens)
+    if answer_ids is None or cfg.answer_weight == 1.0:
+        return lm_loss(model, tokens)
+    return lm_loss(model, tokens, (*answer_ids, cfg.answer_weight))
 
 
 @torch.no_grad()
@@ -252,6 +309,7 @@ class _Run:
     tokens_seen: int = 0
     elapsed_s: float = 0.0  # summed over earlier calls
     val_loss: float | None = None
+    answer_ids: tuple[list[int], list[int]] | None = None  # (answer marker ids, reset ids) for answer_weight
 
     def payload(self, elapsed_now: float) -> dict[str, Any]:
         return {
@@ -296,6 +354,11 @@ def _setup(cfg: TrainConfig, run_dir: Path) -> _Run:
             val.next_batch() for _ in range(min(cfg.eval_batches, val.n_windows // cfg.batch_size or 1))
         ]
     run = _Run(cfg, run_dir, device, tok, model, opt, loader, val_batches)
+    if cfg.answer_weight != 1.0:
+        run.answer_ids = (
+            tok.encode(cfg.answer_marker),
+            [i for i in (tok.bos_id, tok.eos_id) if i is not None],
+        )
     ckpt_path = run_dir / CKPT_FILE
     if cfg.init_from and not ckpt_path.is_file():
         _init_weights(model, Path(cfg.init_from))
@@ -332,7 +395,7 @@ def train_step(run: _Run) -> tuple[float, float]:
     for _ in range(cfg.grad_accum):
         tokens = run.loader.next_batch().to(run.device, non_blocking=True)  # (B, L + 1)
         with _autocast(run.device, cfg.bf16):
-            loss = compute_loss(run.model, tokens, cfg, step)
+            loss = compute_loss(run.model, tokens, cfg, step, run.answer_ids)
         (loss / cfg.grad_accum).backward()
         total += float(loss.detach()) / cfg.grad_accum
         run.tokens_seen += tokens.shape[0] * (tokens.shape[1] - 1)
@@ -402,7 +465,7 @@ def _log_record(run: _Run, loss: float, gnorm: float, t0: float) -> dict[str, An
         "step": run.step,
         "loss": round(loss, 6),
         "lr": lr_at(run.step - 1, run.cfg),
-        "ilr_scale": ilr_scale_at(run.step - 1, run.cfg) if run.cfg.mode == "e2e" else None,
+        "ilr_scale": ilr_scale_at(run.step - 1, run.cfg) if run.cfg.mode in ("e2e", "frozen") else None,
         "grad_norm": round(gnorm, 4),
         "tokens": run.tokens_seen,
         "tokens_per_s": round(run.tokens_seen / max(now, 1e-9), 1) if run.step else None,
