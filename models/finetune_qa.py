@@ -95,9 +95,16 @@ def generate_until(model: Any, tok: Any, prompt: str, values: list[str], max_new
 
 
 def qa_eval(
-    model: Any, tok: Any, items: list[dict[str, Any]], device: Any, slack: int = 16
+    model: Any,
+    tok: Any,
+    items: list[dict[str, Any]],
+    device: Any,
+    slack: int = 16,
+    budget_s: float | None = None,
 ) -> dict[str, Any]:
-    """Greedy answers to kv questions; ``sources`` items are read with TTT frozen (as hybrid's reader does)."""
+    """Greedy answers to kv questions; ``sources`` items are read with TTT frozen (as hybrid's reader does).
+
+    ``budget_s``: start no new question after this many seconds (``n`` then says how many were answered)."""
     import torch
 
     from ttt import TTTModel
@@ -111,6 +118,9 @@ def qa_eval(
     rows, t0 = [], time.perf_counter()
     with torch.no_grad():
         for it in items:
+            if budget_s is not None and time.perf_counter() - t0 > budget_s:
+                log.warning("qa eval: %.0f s budget reached after %d of %d", budget_s, len(rows), len(items))
+                break
             m = frozen if it["fmt"] == "sources" else model
             pred = generate_until(m, tok, it["prompt"], it["values"], it["answer_tokens"] + slack, device)
             inside = window is None or it["fact_distance"] < window
@@ -127,6 +137,7 @@ def qa_eval(
             )
     res = summarize(rows)
     res["seconds"] = round(time.perf_counter() - t0, 2)
+    res["stopped_by_budget"] = len(rows) < len(items)
     res["examples"] = [{k: r[k] for k in ("fmt", "window", "values", "pred")} for r in rows[:12]]
     return res
 
@@ -151,12 +162,36 @@ def evaluate_model(model_dir: Path, data_dir: Path, a: argparse.Namespace, devic
     model = TTTModel.from_pretrained(model_dir, dtype=torch.float32).to(device)
     tok = Tokenizer.from_pretrained(model_dir)
     return {
-        "qa": qa_eval(model, tok, load_items(data_dir, a.eval_n), device),
+        "qa": qa_eval(model, tok, load_items(data_dir, a.eval_n), device, budget_s=a.eval_budget_s),
         "val": val_loss(model, data_dir, a.seq, a.batch, a.eval_batches, device),
     }
 
 
 # ---- run -----------------------------------------------------------------------------------------------
+PACK_PART_BYTES = 12 << 20  # the device returns files of at most 16 MiB
+
+
+def pack_dir(src: Path, dst: Path, part_bytes: int = PACK_PART_BYTES) -> list[str]:
+    """``src`` as an uncompressed tar cut into ``<name>.tar.part-000, -001, ...`` files in ``dst`` (each at most
+    ``part_bytes``); ``cat <name>.tar.part-* | tar xf -`` restores it. Returns the part names."""
+    import io
+    import tarfile
+
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for f in sorted(src.iterdir()):
+            tar.add(f, arcname=f.name)
+    data = buf.getvalue()
+    dst.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i, at in enumerate(range(0, len(data), part_bytes)):
+        name = f"{src.name}.tar.part-{i:03d}"
+        (dst / name).write_bytes(data[at : at + part_bytes])
+        names.append(name)
+    log.info("packed %s into %d parts in %s", src, len(names), dst)
+    return names
+
+
 def prepare_data(data: Path, work: Path, model_dir: Path) -> Path:
     """Plain .npy shards (decompressed into ``work/data`` when carried as .xz) built with the model's tokenizer."""
     from ttt.data import decompress_shards, load_index
@@ -251,6 +286,8 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     res["train"] = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(tr).items()}
     res["train_config"] = cfg.to_dict()
     export(work / "run", a.out)
+    if a.pack:  # the export leaves the machine before anything else can fail or time out
+        res["packed"] = pack_dir(Path(a.out), Path(a.pack))
     if a.no_after:
         return res
     t1 = time.perf_counter()
@@ -382,6 +419,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             r.add_argument(
                 "--no-after", action="store_true", help="skip the evaluation after (run `eval` later)"
             )
+            r.add_argument(
+                "--pack", default=None, help="dir for the export as <=12 MiB tar parts (right away)"
+            )
+    for sp in (sub.choices[n] for n in ("run", "eval")):
+        sp.add_argument("--eval-budget-s", type=float, default=None, help="stop the QA eval after this long")
     for sp in (b, *[sub.choices[n] for n in ("run", "eval")]):
         sp.add_argument("--seq", type=int, default=2048, help="sequence length (build: row length)")
         sp.add_argument("--seed", type=int, default=0, help="data / training seed")

@@ -272,3 +272,28 @@ def test_eval_fa_matches_float64_cross_entropy_and_rejects_other_tokenizers(buil
                 str(tmp_path / "x.json"),
             ]
         )
+
+
+def test_pack_round_trip_and_eval_budget(built, tmp_path) -> None:
+    """--pack: the export as tar parts no larger than the limit, which restore byte-identical files;
+    --eval-budget-s 0 answers no question and says it stopped on the budget (a time-boxed GPU call)."""
+    import subprocess
+
+    tmp, _, _, tok, _ = built
+    model = _model_dir(tmp_path / "m", tok, fa=False)
+    names = ft.pack_dir(model, tmp_path / "parts", part_bytes=50_000)
+    sizes = [(tmp_path / "parts" / n).stat().st_size for n in names]
+    assert len(names) >= 2 and max(sizes) <= 50_000 and names == sorted(names)
+    (tmp_path / "back").mkdir()
+    cat = subprocess.run(
+        ["cat", *[str(tmp_path / "parts" / n) for n in names]], capture_output=True, check=True
+    )
+    subprocess.run(["tar", "xf", "-", "-C", str(tmp_path / "back")], input=cat.stdout, check=True)
+    for f in model.iterdir():
+        assert (tmp_path / "back" / f.name).read_bytes() == f.read_bytes()
+    m = TTTModel.from_pretrained(model, dtype=torch.float32)
+    items = ft.load_items(tmp / "data", 2)
+    none = ft.qa_eval(m, tok, items, torch.device("cpu"), budget_s=0.0)
+    assert none["all"]["n"] == 0 and none["stopped_by_budget"]
+    some = ft.qa_eval(m, tok, items[:1], torch.device("cpu"), budget_s=None)
+    assert some["all"]["n"] == 1 and not some["stopped_by_budget"]
