@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import statistics
+import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from typing import Any
@@ -353,6 +354,69 @@ def bench_train(preset: str, T: int, B: int, args: argparse.Namespace) -> dict[s
     return out
 
 
+# kernel name -> category, first match wins (CUDA kernel names of cuBLAS/CUTLASS, flex/flash, Inductor, ATen)
+KERNEL_CATEGORIES = (
+    ("attention", ("flex", "flash", "fmha", "attention", "cudnn")),
+    ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "addmm", "bmm", "aten::mm")),
+    ("fused (compiled)", ("triton",)),
+    ("softmax / loss", ("softmax", "cross_entropy", "nll_loss", "log_softmax")),
+    ("reduction", ("reduce", "sum", "norm", "mean")),
+    ("copy / cast", ("memcpy", "memset", "copy", "cat", "to_copy", "fill")),
+    (
+        "elementwise (eager)",
+        ("elementwise", "vectorized", "unrolled", "mul", "add", "div", "pow", "rsqrt", "silu"),
+    ),
+)
+
+
+def kernel_category(name: str) -> str:
+    low = name.lower()
+    return next((c for c, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "other")
+
+
+def profile_summary(events: list[tuple[str, float, int]], wall_ms: float, top: int = 15) -> dict[str, Any]:
+    """(kernel name, total device ms, calls) rows of one profiled call -> shares by category, the top kernels,
+    and how much of the wall time the device was busy (low = the host cannot feed it: launches, Python)."""
+    busy = sum(ms for _, ms, _ in events)
+    cats: dict[str, float] = {}
+    for name, ms, _ in events:
+        cats[kernel_category(name)] = cats.get(kernel_category(name), 0.0) + ms
+    rows = sorted(events, key=lambda e: -e[1])[:top]
+    return {
+        "wall_ms": wall_ms,
+        "device_busy_ms": busy,
+        "device_busy_share": busy / wall_ms if wall_ms > 0 else None,
+        "kernel_launches": sum(n for _, _, n in events),
+        "by_category": {
+            c: {"ms": ms, "share": ms / busy} for c, ms in sorted(cats.items(), key=lambda c: -c[1])
+        },
+        "top_kernels": [{"name": n[:120], "ms": ms, "calls": k, "share": ms / busy} for n, ms, k in rows],
+    }
+
+
+def profile_prefill(model: TTTModel, T: int, args: argparse.Namespace) -> dict[str, Any]:
+    """torch.profiler over one warm TTT-E2E prefill of T tokens (batch 1): where the device time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    x = torch.randint(0, args.vocab, (1, T), device="cuda")
+    with torch.no_grad():
+        e2e_prefill(model, x, args.backend, args.segment if T > args.long_from else None)  # warm: compiles
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            e2e_prefill(model, x, args.backend, args.segment if T > args.long_from else None)
+            torch.cuda.synchronize()
+            wall_ms = (time.perf_counter() - t0) * 1e3
+    rows = [  # kernel rows carry the self device time (ATen op rows have ~0 of their own)
+        (e.key, e.self_device_time_total / 1e3, int(e.count))  # us -> ms
+        for e in prof.key_averages()
+        if e.self_device_time_total > 0
+    ]
+    out = profile_summary(rows, wall_ms)
+    out.update({"T": T, "chunks": T // model.cfg.ttt_chunk, "note": "wall includes profiler overhead"})
+    return out
+
+
 def check_vs_fp32(args: argparse.Namespace) -> dict[str, Any]:
     """GPU bf16 prefill NLL vs an fp32 CPU-precision reference of the same small model (relative error)."""
     torch.manual_seed(1)
@@ -438,6 +502,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--rotate", type=int, default=3)
     p.add_argument("--decode", type=int, nargs="*", default=[], help="context lengths for decode timing")
+    p.add_argument("--profile", type=int, nargs="*", default=[], help="TTT-E2E prefill lengths to profile")
     p.add_argument(
         "--train", type=int, default=0, help="sequence length of the training comparison (0 = skip)"
     )
@@ -486,6 +551,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for T in args.lengths
             if args.tokens_per_batch // T >= 1
         ]
+        save()
+    if args.profile and "e2e" in models:
+        res["profile"] = []
+        for T in args.profile:
+            try:
+                res["profile"].append(profile_prefill(models["e2e"], T, args))
+            except Exception as e:  # noqa: BLE001 - a diagnostic: recorded, the timings go on
+                res["profile"].append({"T": T, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            torch.cuda.empty_cache()
         save()
     if args.decode:
         res["decode"] = [bench_decode(models, c, args) for c in args.decode]

@@ -66,3 +66,27 @@ def test_fa_block_with_chunked_mlp_equals_the_block() -> None:
         ref, _ = blk(x, None, "math")
         for chunk in (7, 25, 50, 64):
             torch.testing.assert_close(fa_block_mlp_chunked(blk, x, chunk), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_profile_summary_shares_and_categories() -> None:
+    """Kernel names land in the right category; shares sum to 1; busy share = device time / wall time."""
+    from eval.bench_latency import kernel_category, profile_summary
+
+    assert kernel_category("sm90_xmma_gemm_bf16bf16_bf16f32") == "matmul"
+    assert kernel_category("triton_per_fused__to_copy_add_mean_mul_pow_rsqrt_0") == "fused (compiled)"
+    assert kernel_category("flex_attention_backward") == "attention"
+    assert kernel_category(
+        "void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add>"
+    ) == ("elementwise (eager)")
+    assert kernel_category("Memcpy DtoD (Device -> Device)") == "copy / cast"
+    assert kernel_category("void at::native::cunn_SoftMaxForward<4>") == "softmax / loss"
+    ev = [
+        ("sm90_xmma_gemm_a", 6.0, 10),
+        ("triton_poi_fused_1", 2.0, 40),
+        ("vectorized_elementwise_kernel", 2.0, 90),
+    ]
+    s = profile_summary(ev, wall_ms=20.0, top=2)
+    assert s["device_busy_ms"] == 10.0 and s["device_busy_share"] == 0.5 and s["kernel_launches"] == 140
+    assert abs(sum(c["share"] for c in s["by_category"].values()) - 1.0) < 1e-12
+    assert s["by_category"]["matmul"]["share"] == 0.6 and list(s["by_category"])[0] == "matmul"
+    assert [k["name"] for k in s["top_kernels"]] == ["sm90_xmma_gemm_a", "triton_poi_fused_1"]
