@@ -354,6 +354,32 @@ def bench_train(preset: str, T: int, B: int, args: argparse.Namespace) -> dict[s
     return out
 
 
+def bench_chunk_graph(model: TTTModel, T: int, args: argparse.Namespace) -> dict[str, Any]:
+    """TTT-E2E prefill of T tokens (batch 1) with the chunk step eager vs replayed from a CUDA graph
+    (``ttt.inner.CHUNK_GRAPHS``), same model and inputs; plus the largest NLL difference between the two."""
+    from ttt import inner
+
+    bufs = [torch.randint(0, args.vocab, (1, T), device="cuda") for _ in range(args.rotate)]
+    out: dict[str, Any] = {"T": T}
+    nll = {}
+    saved = inner.CHUNK_GRAPHS
+    try:
+        for name, on in (("eager", False), ("graph", True)):
+            inner.CHUNK_GRAPHS = on
+            with torch.no_grad():
+                nll[name] = model.prefill(bufs[0], backend=args.backend).token_nll.float()  # warm + captures
+                ms = cuda_time(lambda i: model.prefill(bufs[i % len(bufs)], backend=args.backend),
+                               warmup=1, iters=args.iters)  # fmt: skip
+            out[name] = summary(ms)
+            out[name]["s_per_1k"] = out[name]["median_ms"] / T
+    finally:
+        inner.CHUNK_GRAPHS = saved
+    out["eager_over_graph"] = out["eager"]["s_per_1k"] / out["graph"]["s_per_1k"]
+    out["max_abs_nll_diff"] = float((nll["eager"] - nll["graph"]).abs().max())
+    log.info("chunk graph T=%d %s", T, out)
+    return out
+
+
 # kernel name -> category, first match wins (CUDA kernel names of cuBLAS/CUTLASS, flex/flash, Inductor, ATen)
 KERNEL_CATEGORIES = (
     ("attention", ("flex", "flash", "fmha", "attention", "cudnn")),
@@ -504,6 +530,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", type=int, nargs="*", default=[], help="context lengths for decode timing")
     p.add_argument("--profile", type=int, nargs="*", default=[], help="TTT-E2E prefill lengths to profile")
     p.add_argument(
+        "--chunk-graph", action="store_true", help="every TTT-E2E prefill replays its chunk step graph"
+    )
+    p.add_argument(
+        "--compare-graph", type=int, nargs="*", default=[], help="lengths: chunk step eager vs graph"
+    )
+    p.add_argument(
         "--train", type=int, default=0, help="sequence length of the training comparison (0 = skip)"
     )
     p.add_argument(
@@ -539,6 +571,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res["check"] = check_vs_fp32(args)
     log.info("peak %.0f TFLOP/s; check %s", args.peak_tflops, res["check"])
     models = {k: build(args.preset, k, args.vocab) for k in args.systems}
+    if (
+        args.chunk_graph
+    ):  # every TTT-E2E prefill replays its chunk-step graph (--compare-graph still times both)
+        from ttt import inner
+
+        inner.CHUNK_GRAPHS = True
     res["params"] = {k: n_params(m, embedding=True) for k, m in models.items()}
     res["memory"] = [bench_memory(models, T) for T in sorted({*args.lengths, *args.long_lengths})]
     res["prefill_batch1"] = [bench_prefill(models, T, 1, args) for T in args.lengths]
@@ -551,6 +589,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for T in args.lengths
             if args.tokens_per_batch // T >= 1
         ]
+        save()
+    if args.compare_graph and "e2e" in models:
+        res["chunk_graph"] = []
+        for T in args.compare_graph:
+            try:
+                res["chunk_graph"].append(bench_chunk_graph(models["e2e"], T, args))
+            except Exception as e:  # noqa: BLE001 - recorded; the eager timings go on
+                res["chunk_graph"].append({"T": T, "error": f"{type(e).__name__}: {str(e)[:300]}"})
+            torch.cuda.empty_cache()
         save()
     if args.profile and "e2e" in models:
         res["profile"] = []

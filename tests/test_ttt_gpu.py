@@ -99,3 +99,35 @@ def test_auto_backend_compiles_flex_only_for_repeating_or_long_shapes() -> None:
         assert BACKEND_CALLS == {"sdpa": 1}, dict(BACKEND_CALLS)
         ref = attention(q.double(), k.double(), v.double(), window=512, backend="math")
         assert (out.double() - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunk_graph_prefill_equals_eager_on_cuda(dtype: torch.dtype) -> None:
+    """Prefill with the steady-state chunk step replayed from a CUDA graph == eager prefill (NLL and state), and a
+    second sequence through the same graph leaves the first one's returned state untouched."""
+    from ttt import graphs, inner
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name("debug", vocab_size=512, window=128, ttt_chunk=32)
+    m = TTTModel(cfg).cuda().to(dtype).eval()
+    x = torch.randint(0, 512, (2, 1000), device="cuda")
+    y = torch.randint(0, 512, (2, 700), device="cuda")
+    saved = inner.CHUNK_GRAPHS
+    try:
+        inner.CHUNK_GRAPHS = False
+        ref_x, ref_y = m.prefill(x), m.prefill(y)
+        inner.CHUNK_GRAPHS = True
+        gx = m.prefill(x)
+        keep = gx.state.clone()
+        gy = m.prefill(y)
+    finally:
+        inner.CHUNK_GRAPHS = saved
+    assert graphs._GRAPHS.get(m), "no graph was captured"
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    for a, b in ((gx, ref_x), (gy, ref_y)):
+        assert (a.token_nll.float() - b.token_nll.float()).abs().max().item() < tol
+        for k in a.state.fast:
+            assert (a.state.fast[k] - b.state.fast[k]).abs().max().item() < tol
+    for k in keep.fast:
+        assert torch.equal(keep.fast[k], gx.state.fast[k]), "a later replay changed a returned state"

@@ -14,7 +14,7 @@ gradients. Hence ``prefill(x)`` equals ``prefill(x[:, :m])`` then ``prefill(x[:,
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,8 @@ from ttt.model import KV, TTTModel, check_tokens, unfused
 from ttt.state import TTTState
 
 HEAD_SLICE = 8192  # positions per output-head call when a plain (no-TTT) model scores a long input
+# GPU fast path, opt-in: replay prefill's steady-state chunk steps from one CUDA graph (ttt/graphs.py)
+CHUNK_GRAPHS = False
 
 
 class PrefillOutput(NamedTuple):
@@ -189,11 +191,11 @@ def prefill(
         take = min(cfg.ttt_chunk - run.n_pending, T - t)
         seg_h, seg_tok = h[:, t : t + take], tokens[:, t : t + take]
         if run.n_pending + take == cfg.ttt_chunk and t + take < T:  # chunk completes, its last target known
-            logits, seg_nll = run.commit(
+            last, seg_nll = run.commit(
                 extra_h=seg_h, extra_tok=torch.cat((seg_tok, tokens[:, t + take : t + take + 1]), 1)
             )
             nll[:, t + 1 : t + 1 + take] = seg_nll  # the chunk step scored exactly these targets
-            run.last_logits = logits[:, -1]
+            run.last_logits = last
             t += take
             continue
         logits = run.extend(seg_h, seg_tok)
@@ -204,6 +206,7 @@ def prefill(
             )
         run.last_logits = logits[:, -1]
         t += take
+    run.release_graph()
     new = TTTState(fast=run.fast, kv=pre_kv + run.kv, pending_h=run.pending_h, pending_tokens=run.pending_tok,
                    last_logits=run.last_logits, pos=state.pos + T, signature=state.signature)  # fmt: skip
     return PrefillOutput(nll, new.detach(), run.last_logits)
@@ -222,6 +225,7 @@ class _SuffixRun:
         self.kv = list(state.kv[model.cfg.n_prefix_layers :])  # committed + pending positions
         self.pending_h, self.pending_tok = state.pending_h, state.pending_tokens
         self.last_logits = state.last_logits
+        self.graph: Any = None  # ttt.graphs.ChunkStepGraph whose buffers hold fast/kv, while they do
 
     @property
     def n_pending(self) -> int:
@@ -243,12 +247,22 @@ class _SuffixRun:
         """Complete the pending chunk with extra inputs (+ the final target), take its SGD step.
 
         extra_tok holds the tokens of extra_h followed by one more token (the chunk's last target).
-        Returns the logits (B, n, V) of the extra inputs and their NLL (B, n), scored with the pre-update weights.
+        Returns the last input's logits (B, V) and the extra inputs' NLL (B, n), scored with the pre-update
+        weights.
         """
         m, n_pend = self.model, self.n_pending
         committed = [(k[:, :, : k.shape[2] - n_pend], v[:, :, : v.shape[2] - n_pend]) for k, v in self.kv]
         h = torch.cat((self.pending_h, extra_h.to(self.pending_h.dtype)), 1)  # (B, b, d)
         targets = torch.cat((self.pending_tok, extra_tok), 1)[:, 1:]  # (B, b): the next token of every input
+        if self._graph_ready(n_pend, committed, h):
+            from ttt.graphs import chunk_graph
+
+            g = chunk_graph(m, self.fast, committed, h, self.backend)
+            last, nll = g.run(self.fast, committed, h, targets)
+            self.graph, self.fast, self.kv = g, g.fast, g.kv
+            self.pending_h, self.pending_tok = h[:, :0], targets[:, :0]
+            return last.clone(), nll.clone()
+        self.release_graph()
         with torch.enable_grad():
             fast = {k: v.detach().requires_grad_(True) for k, v in self.fast.items()}
             out = suffix_chunk_step(m, fast, committed, h, targets, lr=m.cfg.ttt_lr, update=True,
@@ -256,7 +270,35 @@ class _SuffixRun:
         self.fast = {k: v.detach() for k, v in out.fast.items()}
         self.kv = _append_kv(committed, [(k.detach(), v.detach()) for k, v in out.kv], _cache_keep(m))
         self.pending_h, self.pending_tok = h[:, :0], targets[:, :0]
-        return out.logits[:, n_pend:].detach(), out.nll[:, n_pend:].detach()
+        return out.logits[:, -1].detach(), out.nll[:, n_pend:].detach()
+
+    def _graph_ready(self, n_pend: int, committed: list[KV], h: torch.Tensor) -> bool:
+        """A whole chunk on CUDA with full caches and nothing pending: the captured step applies."""
+        from ttt import graphs
+
+        w = self.model.cfg.window
+        return (
+            CHUNK_GRAPHS
+            and graphs.supported(h)
+            and w is not None
+            and n_pend == 0
+            and h.shape[1] == self.model.cfg.ttt_chunk
+            and all(k.shape[2] == w - 1 for k, _ in committed)
+        )
+
+    def release_graph(self) -> None:
+        """Copy whatever still lives in the graph's buffers out of them (the next replay overwrites them)."""
+        g = self.graph
+        if g is None:
+            return
+        self.fast = {
+            k: w.clone() if w.data_ptr() == g.fast[k].data_ptr() else w for k, w in self.fast.items()
+        }
+        self.kv = [
+            (k.clone(), v.clone()) if k.data_ptr() == gk.data_ptr() else (k, v)
+            for (k, v), (gk, _) in zip(self.kv, g.kv, strict=True)
+        ]
+        self.graph = None
 
 
 # ---- meta_loss (training) ---------------------------------------------------------------------------

@@ -1,0 +1,89 @@
+"""Prefill's CUDA-graphed chunk step (ttt/graphs.py): the buffer bookkeeping, on CPU in float64.
+
+The capture itself needs CUDA (tests/test_ttt_gpu.py replays a real graph); here ``capture`` is replaced by an
+eager stand-in that, like a replay, recomputes the step from the static buffers and writes its outputs into fixed
+tensors. What is checked is everything around it: whole chunks go through the buffers, the new fast weights and
+caches are written back in place, the state a prefill returns is copied out of them, and a later replay (another
+sequence, or the same one continued) never changes a state returned earlier.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ttt import ModelConfig, TTTModel, graphs, inner
+
+
+class _EagerReplay:
+    def __init__(self, g: graphs.ChunkStepGraph) -> None:
+        self.g = g
+        self.replays = 0
+
+    def replay(self) -> None:
+        last, nll = self.g._step()
+        self.g.out_last.copy_(last)
+        self.g.out_nll.copy_(nll)
+        self.replays += 1
+
+
+def _fake_capture(self: graphs.ChunkStepGraph) -> None:
+    self._step()  # a warm-up changes the buffers, as the real one does
+    self.out_last, self.out_nll = (t.clone() for t in self._step())
+    self.graph = _EagerReplay(self)
+
+
+@pytest.fixture
+def graphed(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(graphs, "supported", lambda h: True)
+    monkeypatch.setattr(graphs.ChunkStepGraph, "capture", _fake_capture)
+    monkeypatch.setattr(graphs, "_GRAPHS", graphs.weakref.WeakKeyDictionary())
+    monkeypatch.setattr(inner, "CHUNK_GRAPHS", True)
+    return graphs
+
+
+def _model() -> TTTModel:
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name("debug", vocab_size=96, window=16, ttt_chunk=4, n_layers=3, n_ttt_layers=2)
+    return TTTModel(cfg).double().eval()
+
+
+def _same_state(a, b) -> None:
+    for k in a.fast:
+        torch.testing.assert_close(a.fast[k], b.fast[k], rtol=0, atol=1e-12)
+    for (ka, va), (kb, vb) in zip(a.kv, b.kv, strict=True):
+        torch.testing.assert_close(ka, kb, rtol=0, atol=1e-12)
+        torch.testing.assert_close(va, vb, rtol=0, atol=1e-12)
+    torch.testing.assert_close(a.last_logits, b.last_logits, rtol=0, atol=1e-12)
+    assert a.pos == b.pos and torch.equal(a.pending_tokens, b.pending_tokens)
+
+
+def test_graphed_prefill_equals_eager_and_never_aliases_returned_states(graphed) -> None:
+    m = _model()
+    x = torch.randint(0, 96, (2, 75))
+    inner.CHUNK_GRAPHS = False
+    ref_a = m.prefill(x[:, :41])
+    ref_b = m.prefill(x[:, 41:], ref_a.state)
+    ref_c = m.prefill(x[:, :75])
+    inner.CHUNK_GRAPHS = True
+    a = m.prefill(x[:, :41])
+    g = next(iter(graphs._GRAPHS[m].values()))
+    assert g.graph.replays >= 4, "the steady-state chunks went through the graph"
+    a_copy = a.state.clone()
+    b = m.prefill(x[:, 41:], a.state)  # replays overwrite the buffers; a's state must not change
+    c = m.prefill(x[:, :75])  # another sequence through the same graph
+    torch.testing.assert_close(a.token_nll, ref_a.token_nll, rtol=0, atol=1e-12)
+    torch.testing.assert_close(b.token_nll, ref_b.token_nll, rtol=0, atol=1e-12)
+    torch.testing.assert_close(c.token_nll, ref_c.token_nll, rtol=0, atol=1e-12)
+    _same_state(a.state, a_copy)
+    _same_state(b.state, ref_b.state)
+    _same_state(c.state, ref_c.state)
+    for st in (a.state, b.state, c.state):  # returned states own their memory
+        ptrs = {t.data_ptr() for t in [*g.fast.values(), *[k for k, _ in g.kv], *[v for _, v in g.kv]]}
+        assert not ptrs & {t.data_ptr() for t in st.tensors().values()}
+
+
+def test_graph_is_not_used_before_the_caches_fill_or_for_partial_chunks(graphed) -> None:
+    m = _model()
+    m.prefill(torch.randint(0, 96, (1, 16)))  # 4 chunks: caches never reach window - 1 before the last commit
+    assert m not in graphs._GRAPHS or not graphs._GRAPHS[m]
