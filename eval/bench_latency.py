@@ -320,6 +320,67 @@ def bench_memory(models: dict[str, TTTModel], T: int) -> dict[str, Any]:
             "ttt_swa_kv_bytes": kv_swa, "fa_over_ttt": kv_fa / (kv_swa + fast)}  # fmt: skip
 
 
+def graph_step(fn: Callable[[], torch.Tensor], warmup: int = 2) -> tuple[Callable[[], None], torch.Tensor]:
+    """``fn`` (no host syncs, static inputs) captured as a CUDA graph after ``warmup`` eager calls on a side
+    stream; returns (replay, the output tensor every replay rewrites)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    return g.replay, out
+
+
+def _train_loss(m: TTTModel, kind: str, x: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
+    with torch.autocast("cuda", dtype=torch.bfloat16), sdpa_context(kind == "fa"):
+        if kind == "e2e":
+            return m.meta_loss(x, checkpoint=args.checkpoint)
+        logits = m(x[:, :-1])
+        return F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+
+
+def _train_record(
+    m: TTTModel, kind: str, tok: list[torch.Tensor], args: argparse.Namespace
+) -> dict[str, Any]:
+    """Eager forward + backward timed; with --train-graph also the same step replayed from a CUDA graph (both
+    systems alike: grads into static .grad buffers zeroed inside the graph), and the two losses on one input."""
+
+    def step(i: int) -> None:
+        _train_loss(m, kind, tok[i % 2], args).backward()
+        m.zero_grad(set_to_none=True)
+
+    n_tokens = tok[0].shape[0] * (tok[0].shape[1] - 1)  # B * T inputs per step
+    rec = summary(cuda_time(step, warmup=1, iters=max(2, args.iters // 3)))
+    rec["s_per_1k"] = rec["median_ms"] / n_tokens
+    if args.train_graph:
+        static = tok[0].clone()
+        params = [p for p in m.parameters() if p.requires_grad]
+        for p in params:  # static gradient buffers: the graph writes into these
+            p.grad = torch.zeros_like(p)
+
+        def fn() -> torch.Tensor:
+            for p in params:
+                p.grad.zero_()
+            loss = _train_loss(m, kind, static, args)
+            loss.backward()
+            return loss.detach()
+
+        eager_loss = float(_train_loss(m, kind, static, args).detach())
+        replay, out = graph_step(fn)
+        ms = cuda_time(lambda i: replay(), warmup=1, iters=max(2, args.iters // 3))
+        g = summary(ms)
+        g["s_per_1k"] = g["median_ms"] / n_tokens
+        replay()
+        g["loss_rel_diff_vs_eager"] = abs(float(out) - eager_loss) / max(abs(eager_loss), 1e-12)
+        rec["graph"] = g
+        m.zero_grad(set_to_none=True)
+    return rec
+
+
 def bench_train(preset: str, T: int, B: int, args: argparse.Namespace) -> dict[str, Any]:
     """Seconds per 1K tokens of one training step (forward + backward): meta_loss vs FA next-token CE."""
     out: dict[str, Any] = {"T": T, "B": B}
@@ -327,23 +388,8 @@ def bench_train(preset: str, T: int, B: int, args: argparse.Namespace) -> dict[s
         try:
             model = build(preset, kind, args.vocab).float().train()
             tok = [torch.randint(0, args.vocab, (B, T + 1), device="cuda") for _ in range(2)]
-
-            def step(i: int, m: TTTModel = model, kind: str = kind, tok: list = tok) -> None:
-                x = tok[i % 2]
-                with torch.autocast("cuda", dtype=torch.bfloat16), sdpa_context(kind == "fa"):
-                    if kind == "e2e":
-                        loss = m.meta_loss(x, checkpoint=args.checkpoint)
-                    else:
-                        logits = m(x[:, :-1])
-                        loss = F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
-                loss.backward()
-                m.zero_grad(set_to_none=True)
-
-            ms = cuda_time(step, warmup=1, iters=max(2, args.iters // 3))
-            s = summary(ms)
-            s["s_per_1k"] = s["median_ms"] / 1000 / (B * T / 1000)
-            s["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-            out[kind] = s
+            out[kind] = _train_record(model, kind, tok, args)
+            out[kind]["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             del model
         except Exception as e:  # noqa: BLE001
             out[kind] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -351,6 +397,8 @@ def bench_train(preset: str, T: int, B: int, args: argparse.Namespace) -> dict[s
         torch.cuda.reset_peak_memory_stats()
     if all("s_per_1k" in out.get(k, {}) for k in ("e2e", "fa")):
         out["e2e_over_fa"] = out["e2e"]["s_per_1k"] / out["fa"]["s_per_1k"]
+    if all("s_per_1k" in out.get(k, {}).get("graph", {}) for k in ("e2e", "fa")):
+        out["e2e_over_fa_graphed"] = out["e2e"]["graph"]["s_per_1k"] / out["fa"]["graph"]["s_per_1k"]
     return out
 
 
@@ -496,6 +544,7 @@ def _summary(res: dict[str, Any], preset: str) -> dict[str, Any]:
         "decode_flatness_1m_over_8k": ratio(dec(M, "e2e"), dec(8192, "e2e")),
         "state_memory_ratio_128k": mem[0]["fa_over_ttt"] if mem else None,
         "meta_train_slowdown_vs_fa_8k": train.get("e2e_over_fa"),
+        "meta_train_slowdown_vs_fa_8k_graphed": train.get("e2e_over_fa_graphed"),
         "formulas": {
             "prefill_flops_per_token": "2*P_nonembed + 2*V*d (head) + 4*keys*H*Dh*L (attention, keys = min(T/2 "
             "causal, window)) + 2*[n_ttt*(2*P_block + 4*keys*H*Dh) + 2*V*d] (inner backward: activation + "

@@ -131,3 +131,39 @@ def test_chunk_graph_prefill_equals_eager_on_cuda(dtype: torch.dtype) -> None:
             assert (a.state.fast[k] - b.state.fast[k]).abs().max().item() < tol
     for k in keep.fast:
         assert torch.equal(keep.fast[k], gx.state.fast[k]), "a later replay changed a returned state"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["e2e", "fa"])
+def test_graphed_training_step_equals_eager_on_cuda(kind: str) -> None:
+    """bench_latency --train-graph: a meta_loss (or FA) forward + backward replayed from a CUDA graph gives the
+    eager loss and gradients."""
+    import argparse
+
+    from eval.bench_latency import _train_loss, graph_step
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name("debug", vocab_size=512, window=64, ttt_chunk=16)
+    if kind == "fa":
+        cfg = ModelConfig.fa_control("debug", vocab_size=512)
+    m = TTTModel(cfg).cuda().train()
+    x = torch.randint(0, 512, (2, 129), device="cuda")
+    args = argparse.Namespace(checkpoint=False)
+    loss = _train_loss(m, kind, x, args)
+    loss.backward()
+    ref = {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    def fn() -> torch.Tensor:
+        for p in m.parameters():
+            p.grad.zero_()
+        out = _train_loss(m, kind, x, args)
+        out.backward()
+        return out.detach()
+
+    replay, out = graph_step(fn)
+    replay()
+    torch.cuda.synchronize()
+    assert abs(float(out) - float(loss)) <= 1e-3 * abs(float(loss))
+    for n, p in m.named_parameters():
+        if n in ref:
+            assert (p.grad - ref[n]).norm() <= 2e-2 * ref[n].norm() + 1e-6, n
