@@ -1,10 +1,11 @@
 """CUDA graph of prefill's steady-state TTT chunk step (GPU fast path, opt-in: ``ttt.inner.CHUNK_GRAPHS``).
 
 Once every TTT block's committed cache holds ``window - 1`` keys, each chunk step has the same shapes: b inputs,
-b targets, fixed-size caches, the fast weights. Run eagerly, the step is one to two thousand small launches from
-Python autograd (forward of the TTT blocks and head, ``autograd.grad`` to the fast weights, clip, SGD, cache
-update); measured on the H100, that host work, not the GPU, set the pace of a chunk (the 125m model, with 40x
-less arithmetic per chunk than 3b, paid 23 ms per chunk). Replaying one captured graph removes it.
+b targets, fixed-size caches, the fast weights. Run eagerly, the step is about 2,500 kernel-launching ATen calls
+from Python autograd (3b layer structure: forward of the TTT blocks and head, ``autograd.grad`` to the fast
+weights, clip, SGD, cache update). On the H100 the 125m model, with ~40x less arithmetic per chunk than 3b, paid
+23 ms per chunk over SWA against 3b's 37.5 ms, which points at host work as the pace-setter (to be confirmed with
+``eval/bench_latency.py --profile``). Replaying one captured graph removes the host work.
 
 The graph reads its inputs from static buffers and ends by writing the new fast weights and caches back into
 the buffers it read them from, so consecutive chunks replay with no copies of the state in between. Callers
