@@ -579,6 +579,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--decode", type=int, nargs="*", default=[], help="context lengths for decode timing")
     p.add_argument("--profile", type=int, nargs="*", default=[], help="TTT-E2E prefill lengths to profile")
     p.add_argument(
+        "--train-graph", action="store_true", help="also time each training step from a CUDA graph"
+    )
+    p.add_argument(
         "--chunk-graph", action="store_true", help="every TTT-E2E prefill replays its chunk step graph"
     )
     p.add_argument(
