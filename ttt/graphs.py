@@ -4,8 +4,9 @@ Once every TTT block's committed cache holds ``window - 1`` keys, each chunk ste
 b targets, fixed-size caches, the fast weights. Run eagerly, the step is about 2,500 kernel-launching ATen calls
 from Python autograd (3b layer structure: forward of the TTT blocks and head, ``autograd.grad`` to the fast
 weights, clip, SGD, cache update). On the H100 the 125m model, with ~40x less arithmetic per chunk than 3b, paid
-23 ms per chunk over SWA against 3b's 37.5 ms, which points at host work as the pace-setter (to be confirmed with
-``eval/bench_latency.py --profile``). Replaying one captured graph removes the host work.
+23 ms per chunk over SWA against 3b's 37.5 ms, and a profile of a 125m prefill had the device busy for at most 29% of
+the wall time. Replaying one captured graph removes the host work: 125m prefill 1.43x faster at 16K, 1.80x at 32K
+(``eval/bench_latency.py --compare-graph``, H100).
 
 The graph reads its inputs from static buffers and ends by writing the new fast weights and caches back into
 the buffers it read them from, so consecutive chunks replay with no copies of the state in between. Callers
