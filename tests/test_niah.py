@@ -124,14 +124,18 @@ def test_ruler_needles_and_values_formats(synth_essays):
     assert all(mv.context.count(v) == 1 for v in mv.outputs)
 
 
-def test_lowlex_question_shares_no_content_word(synth_essays):
+@pytest.mark.parametrize(("task", "n_needles"), [("lowlex-niah", 1), ("lowlex-mk-niah", 4)])
+def test_lowlex_question_shares_no_content_word(synth_essays, task, n_needles):
     stop = {"the", "of", "is", "for", "a"}
     for i in range(20):
-        s = build_sample(TASKS["lowlex-niah"], tokenizer=ByteTok(), target_length=2000, depth=50, index=i, seed=3,
+        s = build_sample(TASKS[task], tokenizer=ByteTok(), target_length=2000, depth=50, index=i, seed=3,
                          corpus=essay_corpus(synth_essays))  # fmt: skip
         q = set(re.findall(r"[a-z]+", s.question.lower())) - stop
         n = set(re.findall(r"[a-z]+", s.needles[0].lower())) - stop
         assert not q & n, (s.question, s.needles[0])
+        planted = re.findall(r"The vault code for the [a-z]+ [a-z]+ is (\d{7})\.", s.context)  # all needles
+        assert len(planted) == len(set(planted)) == n_needles and s.outputs[0] in planted, planted
+        assert s.needles[0] in s.context and s.outputs == re.findall(r"\d{7}", s.needles[0])
     synonyms = [w for pair in LOWLEX_ADJ + LOWLEX_NOUN for w in pair]
     assert len(synonyms) == len(set(synonyms)), "a synonym appears in two pairs"
 

@@ -115,7 +115,10 @@ TASKS: dict[str, TaskSpec] = {
             name="mq-niah", family="ruler", haystack="essay", num_k=4, num_q=4, ruler_name="niah_multiquery"
         ),
         TaskSpec(name="gk-niah", family="gkamradt", haystack="essay"),
-        TaskSpec(name="lowlex-niah", family="lowlex", haystack="essay", num_k=4),
+        # NoLiMa-style paraphrased key (niah.md §5): one needle, the question names its key by synonyms only
+        TaskSpec(name="lowlex-niah", family="lowlex", haystack="essay", num_k=1),
+        # ... plus 3 distractor needles of the same form (the reader must also tell synonyms apart)
+        TaskSpec(name="lowlex-mk-niah", family="lowlex", haystack="essay", num_k=4),
         TaskSpec(name="custom", family="custom", haystack="essay"),
     ]
 }
