@@ -26,6 +26,7 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
+from functools import partial
 from typing import Any
 
 import torch
@@ -57,6 +58,23 @@ def cuda_time(fn: Callable[[int], Any], *, warmup: int, iters: int) -> list[floa
 def summary(ms: list[float]) -> dict[str, float]:
     s = sorted(ms)
     return {"median_ms": statistics.median(s), "min_ms": s[0], "max_ms": s[-1], "n": len(s)}
+
+
+def error_text(e: BaseException) -> str:
+    """How a failed section is recorded (the run goes on)."""
+    return f"{type(e).__name__}: {str(e)[:300]}"
+
+
+def per_length(fn: Callable[[int], dict[str, Any]], lengths: list[int]) -> list[dict[str, Any]]:
+    """``fn(T)`` for every length; a failure is recorded as ``{"T": T, "error": ...}`` and the next one runs."""
+    out = []
+    for T in lengths:
+        try:
+            out.append(fn(T))
+        except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+            out.append({"T": T, "error": error_text(e)})
+        torch.cuda.empty_cache()
+    return out
 
 
 def sdpa_context(fa: bool):
@@ -301,7 +319,7 @@ def bench_decode(
             }
             del sess
         except Exception as e:  # noqa: BLE001 - recorded, the run goes on
-            out[kind] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            out[kind] = {"error": error_text(e)}
         torch.cuda.empty_cache()
     if all("ms_per_token_mean" in out.get(k, {}) for k in ("e2e", "fa")):
         out["fa_over_e2e"] = out["fa"]["ms_per_token_mean"] / out["e2e"]["ms_per_token_mean"]
@@ -318,21 +336,6 @@ def bench_memory(models: dict[str, TTTModel], T: int) -> dict[str, Any]:
     fast = 3 * e2e.d_model * e2e.prime_hidden * e2e.n_ttt_layers * 4
     return {"T": T, "fa_kv_bytes": kv_fa, "ttt_state_bytes": kv_swa + fast, "ttt_fast_bytes": fast,
             "ttt_swa_kv_bytes": kv_swa, "fa_over_ttt": kv_fa / (kv_swa + fast)}  # fmt: skip
-
-
-def graph_step(fn: Callable[[], torch.Tensor], warmup: int = 2) -> tuple[Callable[[], None], torch.Tensor]:
-    """``fn`` (no host syncs, static inputs) captured as a CUDA graph after ``warmup`` eager calls on a side
-    stream; returns (replay, the output tensor every replay rewrites)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        out = fn()
-    return g.replay, out
 
 
 def _train_loss(m: TTTModel, kind: str, x: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
@@ -358,11 +361,13 @@ def _train_graph_record(
         loss.backward()
         return loss.detach()
 
+    from ttt.graphs import capture
+
     eager_loss = float(_train_loss(m, kind, static, args).detach())
-    replay, out = graph_step(fn)
-    g = summary(cuda_time(lambda i: replay(), warmup=1, iters=max(2, args.iters // 3)))
+    graph, out = capture(fn)
+    g = summary(cuda_time(lambda i: graph.replay(), warmup=1, iters=max(2, args.iters // 3)))
     g["s_per_1k"] = g["median_ms"] / n_tokens
-    replay()
+    graph.replay()
     g["loss_rel_diff_vs_eager"] = abs(float(out) - eager_loss) / max(abs(eager_loss), 1e-12)
     return g
 
@@ -384,7 +389,7 @@ def _train_record(
         try:
             rec["graph"] = _train_graph_record(m, kind, tok[0].clone(), n_tokens, args)
         except Exception as e:  # noqa: BLE001 - the eager record above stands
-            rec["graph"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            rec["graph"] = {"error": error_text(e)}
         m.zero_grad(set_to_none=True)
     return rec
 
@@ -400,7 +405,7 @@ def bench_train(preset: str, T: int, B: int, args: argparse.Namespace) -> dict[s
             out[kind]["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
             del model
         except Exception as e:  # noqa: BLE001
-            out[kind] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+            out[kind] = {"error": error_text(e)}
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     if all("s_per_1k" in out.get(k, {}) for k in ("e2e", "fa")):
@@ -481,12 +486,13 @@ def profile_prefill(model: TTTModel, T: int, args: argparse.Namespace) -> dict[s
     from torch.profiler import ProfilerActivity, profile
 
     x = torch.randint(0, args.vocab, (1, T), device="cuda")
+    seg = args.segment if T > args.long_from else None
     with torch.no_grad():
-        e2e_prefill(model, x, args.backend, args.segment if T > args.long_from else None)  # warm: compiles
+        e2e_prefill(model, x, args.backend, seg)  # warm: compiles
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             t0 = time.perf_counter()
-            e2e_prefill(model, x, args.backend, args.segment if T > args.long_from else None)
+            e2e_prefill(model, x, args.backend, seg)
             torch.cuda.synchronize()
             wall_ms = (time.perf_counter() - t0) * 1e3
     rows = [  # device-side events only: an ATen op row also carries its kernels' time, which would count twice
@@ -631,9 +637,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res["check"] = check_vs_fp32(args)
     log.info("peak %.0f TFLOP/s; check %s", args.peak_tflops, res["check"])
     models = {k: build(args.preset, k, args.vocab) for k in args.systems}
-    if (
-        args.chunk_graph
-    ):  # every TTT-E2E prefill replays its chunk-step graph (--compare-graph still times both)
+    # --chunk-graph: every TTT-E2E prefill replays its chunk-step graph (--compare-graph still times both)
+    if args.chunk_graph:
         from ttt import inner
 
         inner.CHUNK_GRAPHS = True
@@ -651,22 +656,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ]
         save()
     if args.compare_graph and "e2e" in models:
-        res["chunk_graph"] = []
-        for T in args.compare_graph:
-            try:
-                res["chunk_graph"].append(bench_chunk_graph(models["e2e"], T, args))
-            except Exception as e:  # noqa: BLE001 - recorded; the eager timings go on
-                res["chunk_graph"].append({"T": T, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-            torch.cuda.empty_cache()
+        res["chunk_graph"] = per_length(
+            partial(bench_chunk_graph, models["e2e"], args=args), args.compare_graph
+        )
         save()
     if args.profile and "e2e" in models:
-        res["profile"] = []
-        for T in args.profile:
-            try:
-                res["profile"].append(profile_prefill(models["e2e"], T, args))
-            except Exception as e:  # noqa: BLE001 - a diagnostic: recorded, the timings go on
-                res["profile"].append({"T": T, "error": f"{type(e).__name__}: {str(e)[:300]}"})
-            torch.cuda.empty_cache()
+        res["profile"] = per_length(partial(profile_prefill, models["e2e"], args=args), args.profile)
         save()
     if args.decode:
         res["decode"] = [bench_decode(models, c, args) for c in args.decode]

@@ -136,11 +136,12 @@ def test_chunk_graph_prefill_equals_eager_on_cuda(dtype: torch.dtype) -> None:
 @pytest.mark.gpu
 @pytest.mark.parametrize("kind", ["e2e", "fa"])
 def test_graphed_training_step_equals_eager_on_cuda(kind: str) -> None:
-    """bench_latency --train-graph: a meta_loss (or FA) forward + backward replayed from a CUDA graph gives the
-    eager loss and gradients."""
+    """bench_latency --train-graph: a meta_loss (or FA) forward + backward replayed from a CUDA graph
+    (ttt.graphs.capture) gives the eager loss and gradients."""
     import argparse
 
-    from eval.bench_latency import _train_loss, graph_step
+    from eval.bench_latency import _train_loss
+    from ttt.graphs import capture
 
     torch.manual_seed(0)
     cfg = ModelConfig.from_name("debug", vocab_size=512, window=64, ttt_chunk=16)
@@ -160,8 +161,8 @@ def test_graphed_training_step_equals_eager_on_cuda(kind: str) -> None:
         out.backward()
         return out.detach()
 
-    replay, out = graph_step(fn)
-    replay()
+    graph, out = capture(fn)
+    graph.replay()
     torch.cuda.synchronize()
     assert abs(float(out) - float(loss)) <= 1e-3 * abs(float(loss))
     for n, p in m.named_parameters():

@@ -33,7 +33,7 @@ import re
 import shutil
 import tarfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -561,15 +561,8 @@ def _qa_eval_items(book: Book, tok: Tokenizer, n: int, cfg: QADataConfig) -> lis
     from ttt.synth import SynthConfig, book_vocabulary, is_clean, kv_example
 
     rng = random.Random(f"{cfg.seed}:qa-eval:{book.id}")
-    # the training knobs (row-sized passages, layout and answer-style shares) leave the question set as it was
-    base = SynthConfig()
-    scfg = replace(
-        cfg.synth_config(),
-        kv_max_tokens=base.kv_max_tokens,
-        kv_sources_share=base.kv_sources_share,
-        kv_sentence_share=base.kv_sentence_share,
-        kv_attributes=base.kv_attributes,
-    )
+    # SynthConfig's own kv defaults, not the training rows' knobs: the question set never depends on them
+    scfg = SynthConfig(share=0.5, seed=cfg.seed, kinds=cfg.kinds, weights=cfg.weights)
     paragraphs = [p for p in book.text.split("\n\n") if p.strip()]
     vocab = book_vocabulary(book.text)
     items: list[dict[str, Any]] = []

@@ -16,6 +16,7 @@ copy the buffers out before the graph is replayed for another sequence (``ttt.in
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,6 +30,21 @@ _GRAPHS: weakref.WeakKeyDictionary[TTTModel, dict[tuple, ChunkStepGraph]] = weak
 def supported(h: torch.Tensor) -> bool:
     """Whether a step on ``h``'s device can be captured (CUDA only)."""
     return h.is_cuda
+
+
+def capture(fn: Callable[[], Any], warmup: int = 2) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """``fn`` (static inputs, no host syncs) run ``warmup`` times on a side stream (compiles, allocator, block
+    masks), then recorded as a CUDA graph; returns (graph, the outputs every replay rewrites)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
 
 
 class ChunkStepGraph:
@@ -65,34 +81,19 @@ class ChunkStepGraph:
                 sv.copy_(v)
 
     def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
-        from ttt.inner import _append_kv, suffix_chunk_step
+        from ttt.inner import chunk_update
 
-        cfg = self.model.cfg
-        with torch.enable_grad():
-            fast = {k: v.detach().requires_grad_(True) for k, v in self.fast.items()}
-            out = suffix_chunk_step(self.model, fast, self.kv, self.h, self.targets, lr=cfg.ttt_lr,
-                                    update=True, create_graph=False, backend=self.backend)  # fmt: skip
-        new_kv = _append_kv(self.kv, [(k.detach(), v.detach()) for k, v in out.kv], cfg.window - 1)
-        for name, w in out.fast.items():  # the gradients are taken: the inputs may be overwritten now
-            self.fast[name].copy_(w.detach())
-        for (sk, sv), (k, v) in zip(self.kv, new_kv, strict=True):
+        fast, kv, last, nll = chunk_update(self.model, self.fast, self.kv, self.h, self.targets, self.backend)
+        for name, w in fast.items():  # the gradients are taken: the inputs may be overwritten now
+            self.fast[name].copy_(w)
+        for (sk, sv), (k, v) in zip(self.kv, kv, strict=True):
             sk.copy_(k)
             sv.copy_(v)
-        return out.logits[:, -1].detach(), out.nll.detach()
+        return last, nll
 
     def capture(self) -> None:
-        """Warm up on a side stream (compiles, block masks, allocator), then record one step.
-
-        The warm-up steps change the buffers: callers ``load`` the real state afterwards."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._step()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.out_last, self.out_nll = self._step()
+        """Record one step (after warm-up steps, which change the buffers: callers ``load`` the real state)."""
+        self.graph, (self.out_last, self.out_nll) = capture(self._step)
 
     def run(
         self, fast: dict[str, torch.Tensor], kv: list[KV], h: torch.Tensor, targets: torch.Tensor

@@ -118,6 +118,25 @@ def suffix_chunk_step(
     return ChunkOut(logits, nll, loss, fast, chunk_kv)
 
 
+def chunk_update(
+    model: TTTModel,
+    fast: dict[str, torch.Tensor],
+    committed: list[KV],
+    h: torch.Tensor,
+    targets: torch.Tensor,
+    backend: str,
+) -> tuple[dict[str, torch.Tensor], list[KV], torch.Tensor, torch.Tensor]:
+    """Prefill's step for one whole chunk: (W_i, the caches with the chunk appended, the last input's logits
+    (B, V), the chunk's NLL (B, b)), all detached; logits and NLL are scored with W_{i-1}."""
+    with torch.enable_grad():
+        f = {k: v.detach().requires_grad_(True) for k, v in fast.items()}
+        out = suffix_chunk_step(model, f, committed, h, targets, lr=model.cfg.ttt_lr, update=True,
+                                create_graph=False, backend=backend)  # fmt: skip
+    kv = _append_kv(committed, [(k.detach(), v.detach()) for k, v in out.kv], _cache_keep(model))
+    new_fast = {k: v.detach() for k, v in out.fast.items()}
+    return new_fast, kv, out.logits[:, -1].detach(), out.nll.detach()
+
+
 def _keep_last(t: torch.Tensor, n: int | None) -> torch.Tensor:
     """Last n positions along dim 2 (None = all)."""
     return t if n is None or t.shape[2] <= n else t[:, :, t.shape[2] - n :]
@@ -263,14 +282,9 @@ class _SuffixRun:
             self.pending_h, self.pending_tok = h[:, :0], targets[:, :0]
             return last.clone(), nll.clone()
         self.release_graph()
-        with torch.enable_grad():
-            fast = {k: v.detach().requires_grad_(True) for k, v in self.fast.items()}
-            out = suffix_chunk_step(m, fast, committed, h, targets, lr=m.cfg.ttt_lr, update=True,
-                                    create_graph=False, backend=self.backend)  # fmt: skip
-        self.fast = {k: v.detach() for k, v in out.fast.items()}
-        self.kv = _append_kv(committed, [(k.detach(), v.detach()) for k, v in out.kv], _cache_keep(m))
+        self.fast, self.kv, last, nll = chunk_update(m, self.fast, committed, h, targets, self.backend)
         self.pending_h, self.pending_tok = h[:, :0], targets[:, :0]
-        return out.logits[:, -1].detach(), out.nll[:, n_pend:].detach()
+        return last, nll[:, n_pend:]
 
     def _graph_ready(self, n_pend: int, committed: list[KV], h: torch.Tensor) -> bool:
         """A whole chunk on CUDA with full caches and nothing pending: the captured step applies."""

@@ -81,9 +81,7 @@ class TrainConfig:
     ilr_warmup_frac: float = 0.1  # ... ramps linearly to 1.0 over this share of steps
     init_from: str | None = None  # model dir (save_pretrained) to start from when run_dir has no ckpt.pt
     meta_every: int = 0  # frozen mode: every N-th step is a meta_loss step (keeps W0 good for TTT); 0 = never
-    answer_weight: float = (
-        1.0  # plain-forward steps: loss weight of answer tokens (after answer_marker to EOS)
-    )
+    answer_weight: float = 1.0  # plain-forward steps: weight of answer tokens (answer_marker .. EOS)
     answer_marker: str = "\nAnswer:"  # where an answer starts in the QA documents (ttt.synth's prompts)
     inner_checkpoint: bool = False  # meta_loss(checkpoint=True): recompute chunks in backward (less memory)
     seed: int = 0
@@ -220,9 +218,7 @@ def compute_loss(
     answer tokens weighted by ``cfg.answer_weight`` (``answer_ids`` = (marker ids, reset ids))."""
     if is_meta_step(cfg, step):
         return model.meta_loss(tokens, checkpoint=cfg.inner_checkpoint, ilr_scale=ilr_scale_at(step, cfg))
-    if answer_ids is None or cfg.answer_weight == 1.0:
-        return lm_loss(model, tokens)
-    return lm_loss(model, tokens, (*answer_ids, cfg.answer_weight))
+    return lm_loss(model, tokens, None if answer_ids is None else (*answer_ids, cfg.answer_weight))
 
 
 @torch.no_grad()
