@@ -66,6 +66,9 @@ class IndexConfig:
     bm25: BM25Config = field(default_factory=BM25Config)
     dense: DenseConfig | None = field(default_factory=DenseConfig)  # None: BM25 only
     rrf_k: int = 60  # reciprocal-rank-fusion constant
+    rrf_leaders: int = (
+        1  # each retriever's top-n hits come first (retrieval/fusion.py says why); 0 = plain RRF
+    )
     weights: dict[str, float] = field(default_factory=lambda: {"bm25": 1.0, "dense": 1.0})
     hybrid_candidates: int = 100  # per-retriever depth fed to fusion (at least k)
     max_query_chars: int = 4096
@@ -207,7 +210,7 @@ class Index:
     def _hybrid(
         self, st: _State, query: str, qv: np.ndarray, k: int, weights: dict[str, float] | None
     ) -> list[SearchHit]:
-        """Weighted RRF of BM25 and dense candidates of one version ``st`` (a concurrent commit is not seen)."""
+        """Weighted RRF (each retriever's leaders first) of BM25 and dense candidates of one version ``st`` (a concurrent commit is not seen)."""
         depth = max(k, self.config.hybrid_candidates)
         bm, hit = st.bm25.get_scores(tokenize(query))
         b_rows, _ = top_k(bm, depth, np.flatnonzero(hit))
@@ -217,6 +220,7 @@ class Index:
             {"bm25": b_rows.tolist(), "dense": d_rows.tolist()},
             weights or self.config.weights,
             self.config.rrf_k,
+            self.config.rrf_leaders,
         )[:k]
         rows = np.array([r for r, _ in fused], dtype=np.int64)
         dense_scores = st.dense.vectors[rows] @ qv  # exact cosine for every fused hit

@@ -87,3 +87,21 @@ def test_graph_is_not_used_before_the_caches_fill_or_for_partial_chunks(graphed)
     m = _model()
     m.prefill(torch.randint(0, 96, (1, 16)))  # 4 chunks: caches never reach window - 1 before the last commit
     assert m not in graphs._GRAPHS or not graphs._GRAPHS[m]
+
+
+def test_graph_is_recaptured_when_the_parameters_move(graphed) -> None:
+    """``model.to("cpu")`` and back (the latency bench does it to make room) gives the parameters new addresses;
+    a graph captured over the old ones would read freed memory: it must be replaced, not replayed."""
+    m = _model()
+    x = torch.randint(0, 96, (1, 48))
+    m.prefill(x)
+    first = next(iter(graphs._GRAPHS[m].values()))
+    m.prefill(x)
+    assert next(iter(graphs._GRAPHS[m].values())) is first, "same parameters: the graph is reused"
+    for p in m.parameters():
+        p.data = p.data.clone()  # what a round trip through another device does to the addresses
+    out = m.prefill(x)
+    again = next(iter(graphs._GRAPHS[m].values()))
+    assert again is not first and again.param_ptrs == again.addresses()
+    inner.CHUNK_GRAPHS = False
+    torch.testing.assert_close(out.token_nll, m.prefill(x).token_nll, rtol=0, atol=1e-12)

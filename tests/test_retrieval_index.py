@@ -83,7 +83,7 @@ def test_hybrid_is_weighted_rrf_of_both_rankings(idx: Index) -> None:
     ids = {h.chunk.id: h for h in bm + de}
     id_of = sorted(ids)
     ranks = {"bm25": [id_of.index(h.chunk.id) for h in bm], "dense": [id_of.index(h.chunk.id) for h in de]}
-    ref = rrf(ranks, {"bm25": 2.0, "dense": 0.5}, k=60)[:4]
+    ref = rrf(ranks, {"bm25": 2.0, "dense": 0.5}, k=60, leaders=idx.config.rrf_leaders)[:4]
     hits = idx.search(q, k=4, mode="hybrid", weights={"bm25": 2.0, "dense": 0.5})
     assert [h.chunk.id for h in hits] == [id_of[i] for i, _ in ref]
     np.testing.assert_allclose([h.score for h in hits], [s for _, s in ref], rtol=1e-12)
@@ -102,6 +102,18 @@ def test_rrf_formula_by_hand() -> None:
     assert fused[1] == pytest.approx(1 / 61 + 2 / 62)
     assert fused[3] == pytest.approx(1 / 63 + 2 / 61)
     assert fused[2] == pytest.approx(1 / 62)
+
+
+def test_rrf_leaders_come_first_and_keep_their_scores() -> None:
+    # item 9 is dense rank 1 only; items 1, 2 sit at ranks 2-3 of both lists: plain RRF ranks 9 last
+    ranks = {"bm25": [0, 1, 2], "dense": [9, 2, 1]}
+    plain = rrf(ranks, k=60)
+    assert [i for i, _ in plain] == [1, 2, 0, 9]
+    led = rrf(ranks, k=60, leaders=1)
+    assert [i for i, _ in led] == [0, 9, 1, 2]  # both leaders first, by score (1/61 each: tie -> by id)
+    assert dict(led) == dict(plain)
+    # a retriever of weight 0 promotes nothing
+    assert [i for i, _ in rrf(ranks, {"dense": 0.0}, k=60, leaders=1)] == [0, 1, 2, 9]
 
 
 def test_save_load_identical_results(idx: Index) -> None:

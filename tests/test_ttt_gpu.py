@@ -168,3 +168,22 @@ def test_graphed_training_step_equals_eager_on_cuda(kind: str) -> None:
     for n, p in m.named_parameters():
         if n in ref:
             assert (p.grad - ref[n]).norm() <= 2e-2 * ref[n].norm() + 1e-6, n
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("gqa", [False, True])
+def test_decode_attention_equals_float64_at_every_cache_length_on_cuda(gqa: bool) -> None:
+    """The pinned (non-cuDNN) per-token attention over growing caches == float64 softmax attention."""
+    from ttt.decode import decode_attention
+
+    torch.manual_seed(0)
+    hkv = 2 if gqa else 8
+    for n in (1, 7, 128, 1000, 4097):
+        q = torch.randn(2, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(2, hkv, n, 64, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(2, hkv, n, 64, device="cuda", dtype=torch.bfloat16)
+        out = decode_attention(q, k, v, gqa)
+        kk, vv = (t.double().repeat_interleave(8 // hkv, dim=1) for t in (k, v))
+        ref = torch.softmax(q.double() @ kk.transpose(-1, -2) / 8.0, dim=-1) @ vv
+        torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)

@@ -13,7 +13,11 @@ exactly the semantics of feeding each token through ``prefill`` (``ttt/inner.py`
   through ``ttt.inner.suffix_chunk_step`` (same function as prefill) and the new fast weights are copied into
   the session's buffers (fp32 master + a compute-dtype copy for the per-token matmuls);
 - on CUDA, once the rings are full the per-token step has static shapes and addresses and is captured in a
-  CUDA graph (``cuda_graph=True``); the TTT step every ``b`` tokens runs eagerly between replays.
+  CUDA graph (``cuda_graph=True``); the TTT step every ``b`` tokens runs eagerly between replays;
+- one query over a cache whose length changes every step runs on the flash / memory-efficient SDPA kernels,
+  never cuDNN: cuDNN builds an execution plan per new key length (the 3b full-attention decode measured
+  81-89 ms per token, flat from 8K to 128K context, on the H100 with SDPA's default choice: per-step set-up, not
+  arithmetic; this pin is not yet re-measured on the GPU).
 """
 
 from __future__ import annotations
@@ -24,6 +28,19 @@ import torch.nn.functional as F
 from ttt.inner import check_state, suffix_chunk_step
 from ttt.model import KV, Block, TTTModel, rope_rotate, swiglu_batched
 from ttt.state import TTTState
+
+# SDPA backends of the per-token attention on CUDA (module doc: cuDNN re-plans for every cache length)
+DECODE_SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
+    """SDPA of (B, H, 1, D) queries over every cached key (B, Hkv, n, D); on CUDA without cuDNN."""
+    if not q.is_cuda:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([getattr(SDPBackend, b) for b in DECODE_SDPA_BACKENDS]):
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
 
 
 def rope_cos_sin(pos: torch.Tensor, dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -125,8 +142,8 @@ class DecodeSession:
             self.k_pre[i - cfg.n_prefix_layers].index_copy_(2, slot, k)
         n = self.n_valid  # host int: == slots (static) once the ring is full
         kk, vv = self.k[i][:, :, :n], self.v[i][:, :, :n]
-        o = F.scaled_dot_product_attention(
-            rope_rotate(q, cos, sin, cfg.rope_interleaved), kk, vv, enable_gqa=cfg.n_kv_heads != cfg.n_heads
+        o = decode_attention(
+            rope_rotate(q, cos, sin, cfg.rope_interleaved), kk, vv, cfg.n_kv_heads != cfg.n_heads
         )  # (B, H, 1, D): every cached slot is visible (the ring holds exactly the window)
         return a.wo(o.transpose(1, 2).reshape(B, 1, -1))
 

@@ -58,6 +58,8 @@ class ChunkStepGraph:
         assert h.shape[1] == cfg.ttt_chunk, f"a graph step takes whole chunks, got {h.shape[1]} inputs"
         assert all(k.shape[2] == cfg.window - 1 for k, _ in kv), "a graph step needs full caches"
         self.model, self.backend = model, backend
+        self.params = [p for p in model.parameters()]  # the graph reads them at these addresses
+        self.param_ptrs = self.addresses()
         self.h = torch.empty_like(h)  # (B, b, d)
         self.targets = torch.zeros(h.shape[0], cfg.ttt_chunk, dtype=torch.long, device=h.device)
         self.fast = {k: torch.empty_like(v) for k, v in fast.items()}
@@ -65,6 +67,10 @@ class ChunkStepGraph:
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out_last: torch.Tensor | None = None  # (B, V) logits of the chunk's last input
         self.out_nll: torch.Tensor | None = None  # (B, b)
+
+    def addresses(self) -> tuple[int, ...]:
+        """Where the model's parameters live now (``model.to(...)`` and back moves them: the graph is stale)."""
+        return tuple(p.data_ptr() for p in self.params)
 
     @staticmethod
     def key(fast: dict[str, torch.Tensor], kv: list[KV], h: torch.Tensor, backend: str) -> tuple:
@@ -113,6 +119,8 @@ def chunk_graph(
     """The cached graph for this model and these shapes, captured on first use."""
     graphs: dict[tuple, Any] = _GRAPHS.setdefault(model, {})
     key = ChunkStepGraph.key(fast, kv, h, backend)
+    if key in graphs and graphs[key].addresses() != graphs[key].param_ptrs:
+        del graphs[key]  # captured over parameters that have since moved: replaying would read freed memory
     if key not in graphs:
         g = ChunkStepGraph(model, fast, kv, h, backend)
         g.load(fast, kv)
