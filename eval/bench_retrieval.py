@@ -202,12 +202,19 @@ def dense_needle_recall(emb, hay: list[str], items, seed: int) -> dict:
         idx.add([(f"c{i}", text) for i, text in enumerate(hay)])
         ingest_s = time.perf_counter() - t
         out = {"dense_haystack_chunks": len(hay), "dense_ingest_s": ingest_s}
-        for mode in ("dense", "hybrid", "bm25"):
-            hits = 0
+        leaders = idx.config.rrf_leaders
+        # hybrid_plain_rrf: the same index with plain RRF (no leaders), the baseline of the fusion rule
+        for mode in ("dense", "hybrid", "hybrid_plain_rrf", "bm25"):
+            idx.config.rrf_leaders = 0 if mode == "hybrid_plain_rrf" else leaders
+            hits = {1: 0, 3: 0, 5: 0}
             for (_, _, words), row in zip(items, rows, strict=True):
-                got = {h.chunk.doc_id for h in idx.search(PARAPHRASE.format(words=words), k=5, mode=mode)}
-                hits += f"c{row}" in got
-            out[f"paraphrase_recall_at_5_{mode}"] = hits / len(items)
+                found = idx.search(PARAPHRASE.format(words=words), k=5, mode=mode.split("_")[0])
+                ids = [h.chunk.doc_id for h in found]
+                for k in hits:
+                    hits[k] += f"c{row}" in ids[:k]
+            for k, n in hits.items():
+                out[f"paraphrase_recall_at_{k}_{mode}"] = n / len(items)
+        idx.config.rrf_leaders = leaders
     return out
 
 

@@ -76,7 +76,8 @@ def summary_md(agg: dict[str, Any], meta: dict[str, Any]) -> str:
     lines = [
         "# NIAH results",
         "",
-        f"git `{meta['git_sha']}` · device `{meta['device'].get('gpu', meta['device'].get('device'))}` · "
+        f"git `{meta['git_sha']}` · samples run on `{', '.join(meta.get('record_devices') or ['?'])}` · "
+        f"report made on `{meta['device'].get('gpu', meta['device'].get('device'))}` · "
         f"seed {meta['seed']} · {meta['timestamp']}",
         "",
         "Score = RULER string_match_all x100 (mean over samples and depths). `-` = not run / skipped.",
@@ -175,6 +176,9 @@ def write_report(
     out = Path(out)
     agg = aggregate(records)
     meta = run_metadata(config, seed)
+    meta["record_devices"] = sorted(
+        {str(r.get("device", "unknown")) for r in records}
+    )  # merged runs: each its own
     plots = []
     for s, tasks in agg["heatmap"].items():
         for t, cells in tasks.items():
