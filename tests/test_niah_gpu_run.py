@@ -155,3 +155,29 @@ def test_readme_table_agrees_with_records() -> None:
     assert rows["ttt, needle outside the 512-token window"] == ["-", "0 <sub>2</sub>"]
     assert rows["bm25 (recall@k)"] == ["100", "100"]
     assert "2-3 samples per cell" in md and heat == ["eval/results/x/heatmap_ttt_s-niah-1.png"]
+
+
+def test_restore_records_merges_without_duplicates(tmp_path: Path) -> None:
+    """Merging the same call's archive twice (or a records file that overlaps it) keeps one record per key,
+    the later one winning: a report made twice from the same calls must count every sample once."""
+    from eval.niah.gpu_run import restore_records
+
+    def rec(task: str, index: int, score: float) -> dict:
+        return {"task": task, "system": "ttt", "length": 512, "depth": 50.0, "index": index, "score": score}
+
+    src = tmp_path / "call1" / RECORDS
+    src.parent.mkdir()
+    src.write_text("".join(json.dumps(rec("s-niah-1", i, 0.0)) + "\n" for i in range(3)))
+    arch = tmp_path / "call1.tar.gz"
+    with tarfile.open(arch, "w:gz") as tar:
+        tar.add(src, arcname=f"niah/{RECORDS}")
+    out = tmp_path / "out"
+    restore_records(arch, out)
+    restore_records(arch, out)  # the same call again
+    later = tmp_path / "later.jsonl"
+    later.write_text(json.dumps(rec("s-niah-1", 1, 1.0)) + "\n" + json.dumps(rec("s-niah-2", 0, 1.0)) + "\n")
+    restore_records(later, out)
+    rows = [json.loads(line) for line in (out / RECORDS).read_text().splitlines()]
+    keys = [(r["task"], r["index"]) for r in rows]
+    assert sorted(keys) == [("s-niah-1", 0), ("s-niah-1", 1), ("s-niah-1", 2), ("s-niah-2", 0)]
+    assert next(r["score"] for r in rows if (r["task"], r["index"]) == ("s-niah-1", 1)) == 1.0

@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from eval.niah.runner import RECORDS, RunConfig, run
+from eval.niah.runner import RECORDS, RunConfig, load_records, run
 from eval.niah.systems import SYSTEMS, Systems, SystemsConfig
 from eval.niah.tasks import RULER_TASK_NAMES, WORDLISTS_ENV
 
@@ -131,6 +131,10 @@ def restore_records(src: str | Path, out: Path) -> int:
             text = tar.extractfile(member).read().decode("utf-8")
     with dst.open("a", encoding="utf-8") as f:
         f.write(text if text.endswith("\n") or not text else text + "\n")
+    merged = load_records(dst)  # one record per (task, system, length, depth, index), the last one wins
+    tmp = dst.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in merged.values()), encoding="utf-8")
+    os.replace(tmp, dst)  # restoring the same archive twice leaves the file as it was
     return text.count("\n")
 
 
