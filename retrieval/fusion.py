@@ -40,6 +40,6 @@ def rrf(
         item
         for name, items in rankings.items()
         if float(weights.get(name, 1.0)) > 0
-        for item in list(items)[:leaders]
+        for item in items[:leaders]
     }
     return sorted(score.items(), key=lambda it: (it[0] not in lead, -it[1], best[it[0]], it[0]))

@@ -276,7 +276,9 @@ class _SuffixRun:
         if self._graph_ready(n_pend, committed, h):
             from ttt.graphs import chunk_graph
 
-            g = chunk_graph(m, self.fast, committed, h, self.backend)
+            # the run's own graph while it holds the state: parameters cannot move mid-prefill, so the cache
+            # lookup (and its check of the parameter addresses) is needed once per prefill, not per chunk
+            g = self.graph or chunk_graph(m, self.fast, committed, h, self.backend)
             last, nll = g.run(self.fast, committed, h, targets)
             self.graph, self.fast, self.kv = g, g.fast, g.kv
             self.pending_h, self.pending_tok = h[:, :0], targets[:, :0]

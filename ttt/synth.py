@@ -102,6 +102,11 @@ WIDE_ATTRIBUTES: dict[str, tuple[str, ...]] = {
     "license key": ("uuid",),
     "hidden word": ("words",),
 }
+# SynthConfig.kv_attributes -> the attribute table kv documents draw from (built once, not per document)
+ATTRIBUTE_SETS: dict[str, dict[str, tuple[str, ...]]] = {
+    "base": ATTRIBUTES,
+    "wide": {**ATTRIBUTES, **WIDE_ATTRIBUTES},
+}
 STATEMENTS = (  # one fact; {key} {attr} {value}
     "The {attr} for {key} is {value}.",
     "{key}'s {attr} was {value}.",
@@ -185,8 +190,10 @@ class SynthConfig:
             raise ValueError("need 0 < min_passage_chars <= max_passage_chars")
         if not 0 <= self.share < 1:
             raise ValueError(f"share must be in [0, 1), got {self.share}")
-        if self.kv_attributes not in ("base", "wide"):
-            raise ValueError(f"kv_attributes must be 'base' or 'wide', got {self.kv_attributes!r}")
+        if self.kv_attributes not in ATTRIBUTE_SETS:
+            raise ValueError(
+                f"kv_attributes must be one of {tuple(ATTRIBUTE_SETS)}, got {self.kv_attributes!r}"
+            )
         if not 0 < self.kv_min_tokens <= min(self.kv_max_tokens, self.kv_sources_max_tokens):
             raise ValueError("need 0 < kv_min_tokens <= kv_max_tokens and <= kv_sources_max_tokens")
 
@@ -351,7 +358,7 @@ def kv_example(
     if keys is None:
         return None
     vkind = rng.choices(VALUE_KINDS, weights=(0.5, 0.25, 0.25))[0]
-    attrs = ATTRIBUTES if cfg.kv_attributes == "base" else {**ATTRIBUTES, **WIDE_ATTRIBUTES}
+    attrs = ATTRIBUTE_SETS[cfg.kv_attributes]
     attr = rng.choice([a for a, kinds in attrs.items() if vkind in kinds])
     values = _values(vkind, n_facts, text, vocab, rng)
     if values is None:
