@@ -102,3 +102,22 @@ def test_plain_model_prefill_head_slices_equal_forward(
     ref = -logp[:, :-1].gather(-1, x[:, 1:, None])[..., 0]
     assert (out.token_nll[:, 1:] - ref).abs().max().item() < 1e-10
     assert (out.last_logits - model(x)[:, -1]).abs().max().item() < 1e-10
+
+
+@pytest.mark.parametrize("hkv", [4, 2, 1])
+def test_masked_static_buffer_attention_equals_attention_over_the_filled_slots(hkv: int) -> None:
+    """The graphed full-attention decode attends over its whole static buffer with a mask of the filled
+    slots (``decode_attention(valid=)``, ``masked_math_attention``): == SDPA over exactly those slots; the
+    garbage in the unfilled slots must not leak in (it would, through an unmasked or misaligned softmax)."""
+    from ttt.decode import decode_attention, masked_math_attention
+
+    g = torch.Generator().manual_seed(hkv)
+    q = torch.randn(2, 4, 1, 16, generator=g, dtype=torch.float64)
+    k = torch.randn(2, hkv, 50, 16, generator=g, dtype=torch.float64) * 3
+    v = torch.randn(2, hkv, 50, 16, generator=g, dtype=torch.float64) * 3
+    for pos in (0, 1, 17, 49):
+        valid = torch.arange(50) <= pos
+        kk, vv = (t[:, :, : pos + 1].repeat_interleave(4 // hkv, dim=1) for t in (k, v))
+        ref = torch.softmax(q @ kk.transpose(-1, -2) / 4.0, dim=-1) @ vv  # (B, H, 1, D)
+        for out in (decode_attention(q, k, v, hkv != 4, valid), masked_math_attention(q, k, v, valid)):
+            torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)

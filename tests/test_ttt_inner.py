@@ -212,6 +212,30 @@ def test_clip_is_finite_at_zero_gradient() -> None:
     assert torch.isfinite(d).all() and torch.equal(d, torch.ones_like(d))
 
 
+def test_sgd_step_equals_float64_formula_and_in_place_into_its_own_inputs() -> None:
+    """W - lr * clip(g) per row (one row clipped, one not), against the formula in float64; the in-place
+    form (the CUDA-graph step writes W_i into the very buffers W_{i-1} lives in) gives the same values."""
+    from ttt.inner import sgd_step
+
+    g0 = torch.Generator().manual_seed(0)
+    fast = {n: torch.randn(2, 5, 3, generator=g0, dtype=torch.float64) for n in ("a", "b")}
+    grads = [torch.randn(2, 5, 3, generator=g0, dtype=torch.float64) for _ in fast]
+    grads[0][1] *= 1e-3  # row 1: norm below the clip
+    grads[1][1] *= 1e-3
+    clip, lr = 1.0, 0.3
+    norms = torch.stack([torch.cat([g[r].flatten() for g in grads]).norm() for r in range(2)])
+    assert norms[0] > clip > norms[1], norms
+    scale = torch.where(norms > clip, clip / norms, torch.ones_like(norms))
+    ref = {n: w - lr * scale.view(2, 1, 1) * g for (n, w), g in zip(fast.items(), grads, strict=True)}
+    out = sgd_step(fast, grads, lr, clip)
+    bufs = {n: w.clone() for n, w in fast.items()}
+    out_in_place = sgd_step(bufs, grads, lr, clip, into=bufs)
+    for n in fast:
+        torch.testing.assert_close(out[n], ref[n], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(out_in_place[n], ref[n], rtol=1e-12, atol=1e-12)
+        assert out_in_place[n] is bufs[n] and not torch.equal(bufs[n], fast[n])
+
+
 def test_state_size_is_independent_of_T_and_round_trips(tmp_path) -> None:
     m = TTTModel(ModelConfig.from_name("debug"))
     b = m.cfg.ttt_chunk

@@ -13,7 +13,9 @@ exactly the semantics of feeding each token through ``prefill`` (``ttt/inner.py`
   through ``ttt.inner.suffix_chunk_step`` (same function as prefill) and the new fast weights are copied into
   the session's buffers (fp32 master + a compute-dtype copy for the per-token matmuls);
 - on CUDA, once the rings are full the per-token step has static shapes and addresses and is captured in a
-  CUDA graph (``cuda_graph=True``); the TTT step every ``b`` tokens runs eagerly between replays;
+  CUDA graph (``cuda_graph=True``); the TTT step every ``b`` tokens runs eagerly between replays; full
+  attention attends over its whole preallocated buffer with an on-device mask of the filled slots, so its
+  step is graphed from the first token (eager, host work was ~90% of its per-token time on the H100: 50 ms);
 - one query over a cache whose length changes every step runs on the flash / memory-efficient SDPA kernels,
   never cuDNN: cuDNN builds an execution plan per new key length (the 3b full-attention decode measured
   81-89 ms per token, flat from 8K to 128K context, on the H100 with SDPA's default choice: per-step set-up, not
@@ -33,14 +35,38 @@ from ttt.state import TTTState
 DECODE_SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool) -> torch.Tensor:
-    """SDPA of (B, H, 1, D) queries over every cached key (B, Hkv, n, D); on CUDA without cuDNN."""
+def decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool, valid: torch.Tensor | None = None
+) -> torch.Tensor:
+    """SDPA of (B, H, 1, D) queries over cached keys (B, Hkv, n, D); on CUDA without cuDNN.
+
+    ``valid`` (n,) bool: which slots hold a key (a static full-attention buffer, filled up to the current
+    position); None = every slot. Masked calls run the memory-efficient kernel (flash takes no mask).
+    """
+    mask = None if valid is None else valid.view(1, 1, 1, -1)
     if not q.is_cuda:
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     with sdpa_kernel([getattr(SDPBackend, b) for b in DECODE_SDPA_BACKENDS]):
-        return F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def masked_math_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, valid: torch.Tensor
+) -> torch.Tensor:
+    """One query per row over a static buffer, as two batched GEMVs and a masked fp32 softmax.
+
+    q (B, H, 1, D), k/v (B, Hkv, n, D), valid (n,) bool -> (B, H, 1, D). Reads each cached key and value once
+    at full memory bandwidth (cuBLAS), the alternative full-attention decode the benchmark times as well.
+    """
+    B, H, _, D = q.shape
+    Hkv = k.shape[1]
+    qg = q.view(B, Hkv, H // Hkv, D)  # the query heads sharing one key head side by side
+    scores = (qg @ k.transpose(-2, -1)).to(torch.promote_types(q.dtype, torch.float32))  # (B, Hkv, H/Hkv, n)
+    scores = scores * D**-0.5
+    probs = torch.softmax(scores.masked_fill(~valid, float("-inf")), dim=-1).to(v.dtype)
+    return (probs @ v).view(B, H, 1, D)
 
 
 def rope_cos_sin(pos: torch.Tensor, dim: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -61,9 +87,17 @@ class DecodeSession:
         max_new_tokens: int = 0,
         cuda_graph: bool = True,
         consume_state: bool = False,
+        fa_attention: str = "sdpa",
     ) -> None:
         """``max_new_tokens`` sizes the full-attention buffer; ``consume_state=True`` frees each layer's cache
-        in ``state`` once copied (a 128K full-attention cache would otherwise be held twice)."""
+        in ``state`` once copied (a 128K full-attention cache would otherwise be held twice).
+
+        Full attention on CUDA attends over its whole static buffer with an on-device mask of the filled
+        slots, so its per-token step is one CUDA graph too; ``fa_attention`` picks that masked kernel:
+        ``"sdpa"`` (memory-efficient SDPA) or ``"math"`` (``masked_math_attention``)."""
+        assert fa_attention in ("sdpa", "math"), (
+            f"fa_attention must be 'sdpa' or 'math', got {fa_attention!r}"
+        )
         cfg = model.cfg
         assert state.pos > 0 and state.last_logits is not None, "DecodeSession needs a state that read tokens"
         check_state(model, state, state.pending_tokens)
@@ -73,7 +107,9 @@ class DecodeSession:
         self.dtype = model.tok_emb.weight.dtype
         self.rope_dtype = torch.promote_types(self.dtype, torch.float32)
         self.slots = cfg.window if cfg.window is not None else state.pos + max_new_tokens + 1
-        self.use_graph = cuda_graph and dev.type == "cuda" and cfg.window is not None
+        self.use_graph = cuda_graph and dev.type == "cuda"
+        self.fa_attention = fa_attention
+        self.slot_ids = torch.arange(self.slots, device=dev)  # full attention: slot j holds position j
         self._graph: torch.cuda.CUDAGraph | None = None
         self.fast = {k: v.clone() for k, v in state.fast.items()}  # fp32 master copies
         self.fast_lp = {k: v.to(self.dtype) for k, v in self.fast.items()}  # compute-dtype copies
@@ -140,11 +176,18 @@ class DecodeSession:
         self.v[i].index_copy_(2, slot, v)
         if i >= cfg.n_prefix_layers:
             self.k_pre[i - cfg.n_prefix_layers].index_copy_(2, slot, k)
-        n = self.n_valid  # host int: == slots (static) once the ring is full
-        kk, vv = self.k[i][:, :, :n], self.v[i][:, :, :n]
-        o = decode_attention(
-            rope_rotate(q, cos, sin, cfg.rope_interleaved), kk, vv, cfg.n_kv_heads != cfg.n_heads
-        )  # (B, H, 1, D): every cached slot is visible (the ring holds exactly the window)
+        q = rope_rotate(q, cos, sin, cfg.rope_interleaved)
+        gqa = cfg.n_kv_heads != cfg.n_heads
+        if cfg.window is None and self.use_graph:  # static buffer, filled slots masked on the device
+            valid = self.slot_ids <= self.pos_buf  # (slots,)
+            if self.fa_attention == "math":
+                o = masked_math_attention(q, self.k[i], self.v[i], valid)
+            else:
+                o = decode_attention(q, self.k[i], self.v[i], gqa, valid)
+        else:
+            n = self.n_valid  # host int: == slots (static) once the ring is full
+            # every cached slot is visible (the ring holds exactly the window)
+            o = decode_attention(q, self.k[i][:, :, :n], self.v[i][:, :, :n], gqa)  # (B, H, 1, D)
         return a.wo(o.transpose(1, 2).reshape(B, 1, -1))
 
     def _forward_token(self) -> torch.Tensor:
@@ -198,7 +241,7 @@ class DecodeSession:
         if cfg.n_ttt_layers:
             self.pend_idx.fill_(self.n_pend)
             self.pending_tok[:, self.n_pend] = tokens
-        if self.use_graph and self.pos + 1 >= self.slots:
+        if self.use_graph and (cfg.window is None or self.pos + 1 >= self.slots):
             logits = self._replay()
         else:
             logits = self._forward_token()
@@ -207,7 +250,7 @@ class DecodeSession:
         return logits.clone()
 
     def _replay(self) -> torch.Tensor:
-        """Run the per-token step through a CUDA graph (captured on first use, ring full)."""
+        """Run the per-token step through a CUDA graph (captured on first use: ring full, or full attention)."""
         if self._graph is None:
             s = torch.cuda.Stream()
             s.wait_stream(torch.cuda.current_stream())

@@ -13,11 +13,21 @@ continues with W_i. Two interchangeable decoders (``decoder=``):
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Protocol
 
 import torch
 
 from ttt.model import TTTModel
 from ttt.state import TTTState
+
+
+class TokenConstraint(Protocol):
+    """Constrained decoding of one sequence: ``mask()`` (V,) bool of the tokens allowed next, then
+    ``advance(token)`` with the token chosen (e.g. ``hybrid.extractive.SpanCopy``)."""
+
+    def mask(self) -> torch.Tensor: ...
+
+    def advance(self, token: int) -> None: ...
 
 
 def sample_next(
@@ -53,10 +63,11 @@ def generate_iter(
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
     decoder: str = "auto",
+    constraint: TokenConstraint | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield (B,) next tokens one step at a time. A row that emitted ``eos_id`` keeps emitting it; the loop
     stops when every row has. ``prompt`` may be None/empty when ``state`` already read some tokens.
-    The caller's ``state`` is not modified."""
+    ``constraint`` (batch 1) masks the logits before every choice. The caller's ``state`` is not modified."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if decoder not in ("auto", "prefill", "session"):
@@ -76,8 +87,14 @@ def generate_iter(
 
         session = DecodeSession(model, state, max_new_tokens=max_new_tokens)  # type: ignore[arg-type]
     done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+    if constraint is not None and logits.shape[0] != 1:
+        raise ValueError(f"a token constraint decodes one sequence at a time, got batch {logits.shape[0]}")
     for step in range(max_new_tokens):
+        if constraint is not None:
+            logits = logits.masked_fill(~constraint.mask().to(logits.device)[None, :], float("-inf"))
         tok = sample_next(logits, temperature, top_p, generator)
+        if constraint is not None:
+            constraint.advance(int(tok[0]))
         if eos_id is not None:
             tok = torch.where(done, torch.full_like(tok, eos_id), tok)
             done = done | (tok == eos_id)

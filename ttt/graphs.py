@@ -89,10 +89,11 @@ class ChunkStepGraph:
     def _step(self) -> tuple[torch.Tensor, torch.Tensor]:
         from ttt.inner import chunk_update
 
-        fast, kv, last, nll = chunk_update(self.model, self.fast, self.kv, self.h, self.targets, self.backend)
-        for name, w in fast.items():  # the gradients are taken: the inputs may be overwritten now
-            self.fast[name].copy_(w)
-        for (sk, sv), (k, v) in zip(self.kv, kv, strict=True):
+        # W_i is written straight into the fast-weight buffers (fused update, no copy back)
+        _, kv, last, nll = chunk_update(
+            self.model, self.fast, self.kv, self.h, self.targets, self.backend, into=self.fast
+        )
+        for (sk, sv), (k, v) in zip(self.kv, kv, strict=True):  # the gradients are taken: overwrite now
             sk.copy_(k)
             sv.copy_(v)
         return last, nll

@@ -43,16 +43,26 @@ class ChunkOut(NamedTuple):
 
 
 # ---- inner optimiser -------------------------------------------------------------------------------
-def clip_by_global_norm(grads: list[torch.Tensor], max_norm: float) -> list[torch.Tensor]:
-    """Per-row global-norm clip of (B, ...) gradients; differentiable, optax semantics, no epsilon.
+def clip_scale(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """Per-row global-norm clip factor (B,) of (B, ...) gradients; differentiable, optax semantics, no epsilon.
 
     scale_b = 1 if ||g_b|| <= max_norm else max_norm / ||g_b||, with ||g_b|| over all tensors jointly.
     """
     sq = sum(_up(g).pow(2).flatten(1).sum(1) for g in grads)  # (B,) in fp32 (fp64 for fp64 tests)
     limit = torch.full_like(sq, max_norm**2)
     # where() *before* the sqrt keeps the gradient finite when ||g|| = 0 (the unselected branch is constant)
-    scale = max_norm / torch.sqrt(torch.where(sq > limit, sq, limit))  # (B,), == 1 when not clipped
-    return [g * scale.view(-1, *([1] * (g.dim() - 1))).to(g.dtype) for g in grads]
+    return max_norm / torch.sqrt(torch.where(sq > limit, sq, limit))  # (B,), == 1 when not clipped
+
+
+def _rows(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, ..., 1) broadcastable against ``like``, in its dtype."""
+    return t.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+def clip_by_global_norm(grads: list[torch.Tensor], max_norm: float) -> list[torch.Tensor]:
+    """Per-row global-norm clip of (B, ...) gradients (``clip_scale`` applied)."""
+    scale = clip_scale(grads, max_norm)
+    return [g * _rows(scale, g) for g in grads]
 
 
 def _up(t: torch.Tensor) -> torch.Tensor:
@@ -60,11 +70,27 @@ def _up(t: torch.Tensor) -> torch.Tensor:
 
 
 def sgd_step(
-    fast: dict[str, torch.Tensor], grads: list[torch.Tensor], lr: float, clip: float
+    fast: dict[str, torch.Tensor],
+    grads: list[torch.Tensor],
+    lr: float,
+    clip: float,
+    into: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """W <- W - lr * clip(g), functionally (new tensors; nothing is mutated)."""
-    clipped = clip_by_global_norm(grads, clip)
-    return {name: w - lr * g.to(w.dtype) for (name, w), g in zip(fast.items(), clipped, strict=True)}
+    """W <- W - lr * clip(g): one fused multiply-add per tensor (``addcmul`` with the per-row factor).
+
+    Functional (new tensors) unless ``into`` names buffers to write W_i into in place (the CUDA-graph step:
+    ``into`` may be the very buffers ``fast`` aliases; the gradients are taken, so overwriting them is safe).
+    """
+    coef = clip_scale(grads, clip) * -lr  # (B,)
+    if into is None:
+        return {
+            name: torch.addcmul(w, g.to(w.dtype), _rows(coef, w))
+            for (name, w), g in zip(fast.items(), grads, strict=True)
+        }
+    with torch.no_grad():
+        for (name, w), g in zip(fast.items(), grads, strict=True):
+            torch.addcmul(w, g.to(w.dtype), _rows(coef, w), out=into[name])
+    return into
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -100,12 +126,14 @@ def suffix_chunk_step(
     update: bool,
     create_graph: bool,
     backend: str,
+    into: dict[str, torch.Tensor] | None = None,
 ) -> ChunkOut:
     """Score one chunk with the current fast weights, then (update=True) take one clipped SGD step.
 
     fast: name -> (B, ...) fast weights (must be in the autograd graph when update=True);
     kv: committed pre-RoPE caches of the TTT blocks (positions before this chunk);
-    h: (B, n, d) suffix input of the chunk; targets: (B, n) the next token of every input.
+    h: (B, n, d) suffix input of the chunk; targets: (B, n) the next token of every input;
+    into: buffers to write W_i into in place (first order only; see ``sgd_step``).
     """
     cfg = model.cfg
     x, chunk_kv = model.run_blocks(h, range(cfg.n_prefix_layers, cfg.n_layers), kv, backend, fast)
@@ -114,7 +142,7 @@ def suffix_chunk_step(
     if update:
         names = list(fast)
         grads = torch.autograd.grad(loss.sum(), [fast[n] for n in names], create_graph=create_graph)
-        fast = sgd_step(fast, list(grads), lr, cfg.ttt_clip)
+        fast = sgd_step(fast, list(grads), lr, cfg.ttt_clip, into=into)
     return ChunkOut(logits, nll, loss, fast, chunk_kv)
 
 
@@ -125,13 +153,15 @@ def chunk_update(
     h: torch.Tensor,
     targets: torch.Tensor,
     backend: str,
+    into: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[KV], torch.Tensor, torch.Tensor]:
     """Prefill's step for one whole chunk: (W_i, the caches with the chunk appended, the last input's logits
-    (B, V), the chunk's NLL (B, b)), all detached; logits and NLL are scored with W_{i-1}."""
+    (B, V), the chunk's NLL (B, b)), all detached; logits and NLL are scored with W_{i-1}. ``into``: buffers
+    that receive W_i in place (they may be ``fast`` itself: the CUDA-graph step)."""
     with torch.enable_grad():
         f = {k: v.detach().requires_grad_(True) for k, v in fast.items()}
         out = suffix_chunk_step(model, f, committed, h, targets, lr=model.cfg.ttt_lr, update=True,
-                                create_graph=False, backend=backend)  # fmt: skip
+                                create_graph=False, backend=backend, into=into)  # fmt: skip
     kv = _append_kv(committed, [(k.detach(), v.detach()) for k, v in out.kv], _cache_keep(model))
     new_fast = {k: v.detach() for k, v in out.fast.items()}
     return new_fast, kv, out.logits[:, -1].detach(), out.nll.detach()
