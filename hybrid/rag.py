@@ -168,6 +168,7 @@ class HybridRAG:
         self._router = router
         self._lock = threading.RLock()
         self._cache: tuple[int, Any] | None = None  # (memory version, loaded TTTState), never mutated
+        self._token_texts: list[str] | None = None  # each token id's text (copy-constrained answers)
         self._fingerprint = model_fingerprint(model)
         assert tokenizer.vocab_size <= model.cfg.vocab_size, (
             f"tokenizer vocab {tokenizer.vocab_size} > model vocab {model.cfg.vocab_size}"
@@ -364,6 +365,7 @@ class HybridRAG:
             max_new_tokens=plan["max_new"],
             temperature=temp,
             eos_id=self.tokenizer.eos_id,
+            constraint=self._constraint(plan),
         )
         ids: list[int] = []
         pieces: list[str] = []
@@ -390,6 +392,19 @@ class HybridRAG:
             memory_rebuilt=plan["rebuilt"],
             memory_version=plan["memory_version"],
         )
+
+    def _constraint(self, plan: dict[str, Any]) -> Any:
+        """Copy constraint of a lookup answer over the prompt's numbered sources (None: free generation)."""
+        p = plan["prompt"]
+        if plan["route"] != "lookup" or not self.config.reader.extractive or p.body[1] <= p.body[0]:
+            return None
+        from hybrid.extractive import ValueCopy, token_texts
+
+        if self._token_texts is None:
+            self._token_texts = token_texts(self.tokenizer, self.model.cfg.vocab_size)
+        stop = [] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id]
+        source = self.tokenizer.decode(p.ids[p.body[0] : p.body[1]])
+        return ValueCopy(source, self._token_texts, stop_ids=stop)
 
     def _decide(self, question: str, route: str) -> Any:
         from router import RouteDecision

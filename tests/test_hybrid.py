@@ -82,21 +82,35 @@ def test_lookup_cites_the_planted_fact(tmp_path, model, tok):
     assert ans.memory_version is None and ans.usage["prompt_tokens"] <= model.cfg.window - 6
 
 
-def test_reader_decodes_with_base_weights(tmp_path, model, tok):
-    """The lookup answer equals greedy decoding with the plain forward (W0, no TTT) over the same prompt."""
-    from hybrid.reader import build_prompt, token_budget
+@pytest.mark.parametrize("extractive", [True, False])
+def test_reader_decodes_with_base_weights(tmp_path, model, tok, extractive):
+    """The lookup answer equals greedy decoding with the plain forward (W0, no TTT) over the same prompt;
+    extractive: digit words only as verbatim copies from the prompt's sources (brute force here)."""
+    from copy_reference import allowed
+
+    from hybrid.extractive import token_texts
+    from hybrid.reader import ReaderConfig, build_prompt, token_budget
 
     rag = make_rag(tmp_path, model, tok)
+    rag.config.reader = ReaderConfig(extractive=extractive)
     rag.ingest(DOCS)
     q = "Who waters the pears?"
     ans = rag.answer(q, route="lookup")
     hits = rag.index.search(q, k=3, mode="bm25")
     prompt = build_prompt(q, hits, tok, budget=token_budget(model.cfg.window, 6, rag.config.reader))
+    body = prompt.ids[prompt.body[0] : prompt.body[1]]
+    assert tok.decode(body).startswith("[1] ") and q not in tok.decode(body)
+    texts = token_texts(tok, model.cfg.vocab_size)
+    source = tok.decode(body)
     ids = torch.tensor([prompt.ids])
     out: list[int] = []
     with torch.no_grad():
         for _ in range(6):
-            nxt = int(model(ids)[0, -1].argmax())
+            logits = model(ids)[0, -1]
+            if extractive:
+                ok = allowed(tok.decode(out), source, texts, tok.eos_id)
+                logits[[t for t in range(logits.shape[0]) if t not in ok]] = float("-inf")
+            nxt = int(logits.argmax())
             if nxt == tok.eos_id:
                 break
             out.append(nxt)

@@ -8,6 +8,8 @@
 * ``bm25`` / ``dense`` recall@k only: the score is string_match_all of the references against the top-k text.
 * ``regex`` the value-pattern baseline (7 digits / UUID), capped at the number of requested answers.
 * ``hybrid`` / ``fused`` ``HybridRAG`` (the loaded model, a fresh store) with ``route="auto"`` / ``"fused"``.
+* ``hybrid-copy`` ablation: ``hybrid`` with copy-constrained lookup answers (``ReaderConfig(extractive=True)``,
+            ``hybrid/extractive.py``).
 
 Per-sample setup (the retrieval index; the HybridRAG store with the haystack ingested, shared by hybrid and
 fused) is built by ``prepare`` and timed apart from the answer (``prepare_s`` vs ``latency_s``).
@@ -21,7 +23,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +32,8 @@ from eval.niah.tasks import TASKS, Sample
 
 log = logging.getLogger(__name__)
 
-SYSTEMS = ("ttt", "swa", "full", "retrieval", "bm25", "dense", "regex", "hybrid", "fused")
-GENERATIVE = ("ttt", "swa", "full", "retrieval", "hybrid", "fused")
+SYSTEMS = ("ttt", "swa", "full", "retrieval", "bm25", "dense", "regex", "hybrid", "fused", "hybrid-copy")
+GENERATIVE = ("ttt", "swa", "full", "retrieval", "hybrid", "fused", "hybrid-copy")
 
 
 @dataclass(kw_only=True)
@@ -202,6 +204,7 @@ class Systems:
             "regex": self._regex,
             "hybrid": lambda s: self._hybrid(s, "auto"),
             "fused": lambda s: self._hybrid(s, "fused"),
+            "hybrid-copy": lambda s: self._hybrid(s, "auto", extractive=True),
         }
         p = fn[name](s)
         p.text = postprocess_pred(p.text)
@@ -230,7 +233,7 @@ class Systems:
         t0 = time.perf_counter()
         if name in ("retrieval", "bm25", "dense"):
             self._index.get(s)
-        elif name in ("hybrid", "fused"):
+        elif name in ("hybrid", "fused", "hybrid-copy"):
             self._rag_for(s)
         return round(time.perf_counter() - t0, 4)
 
@@ -254,10 +257,16 @@ class Systems:
             self._rag = (key, rag, tmp)
         return self._rag[1]
 
-    def _hybrid(self, s: Sample, route: str) -> Prediction:
-        ans = self._rag_for(s).answer(
-            s.question, route=route, top_k=self.cfg.top_k, max_new_tokens=self.cfg.max_new_tokens
-        )
+    def _hybrid(self, s: Sample, route: str, extractive: bool = False) -> Prediction:
+        rag = self._rag_for(s)
+        reader = rag.config.reader
+        rag.config.reader = replace(reader, extractive=extractive)  # the shared store, this call's reader
+        try:
+            ans = rag.answer(
+                s.question, route=route, top_k=self.cfg.top_k, max_new_tokens=self.cfg.max_new_tokens
+            )
+        finally:
+            rag.config.reader = reader
         return Prediction(text=ans.text, extra={"route": ans.route})
 
     def _close_rag(self) -> None:
