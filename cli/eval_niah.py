@@ -64,12 +64,20 @@ def register(app: typer.Typer) -> None:
         interleave: bool = typer.Option(
             False, help="Coverage order (index, depth, length, task) so a time-boxed run spreads evenly."
         ),
+        chat_template: str = typer.Option(
+            "base", help="How ttt/swa/full/retrieval wrap RULER's input: base | reader (adds '\\nAnswer:')."
+        ),
         quick: bool = typer.Option(False, help="A CPU smoke run of a few minutes on the debug model."),
         progress: bool = typer.Option(True, help="Progress bar."),
     ) -> None:
         """NIAH accuracy per system x task x length x depth; resumable via OUT/records.jsonl."""
         from eval.niah.runner import RunConfig, run
-        from eval.niah.systems import SystemsConfig
+        from eval.niah.systems import CHAT_TEMPLATES, SystemsConfig
+
+        if chat_template not in CHAT_TEMPLATES:
+            raise typer.BadParameter(
+                f"unknown chat template {chat_template!r}; choose from {list(CHAT_TEMPLATES)}"
+            )
 
         if quick:  # quick values replace options left at their defaults
             given = dict(tasks=tasks, systems=systems, lengths=lengths, depths=depths, samples=samples,
@@ -90,7 +98,7 @@ def register(app: typer.Typer) -> None:
             sys=SystemsConfig(
                 model_dir=model, full_model_dir=full_model, device=device, dtype=dtype,
                 max_new_tokens=max_new_tokens, top_k=top_k, max_full_len=max_full_len, seed=seed,
-                embedder_dir=embedder,
+                embedder_dir=embedder, chat_template=chat_template,
             ),
         )  # fmt: skip
         try:

@@ -113,6 +113,20 @@ def test_ruler_plural_template_exact():
     assert prefix == " The special magic numbers for a, b, and c mentioned in the provided text are"
 
 
+def test_chat_templates_wrap_ruler_input_before_the_answer_prefix():
+    """RULER's practice (niah.md 1.1): the task input, the model's assistant turn, then the answer prefix; "base"
+    is RULER's own prompt unchanged, "reader" adds our reader fine-tune's turn marker."""
+    from eval.niah.systems import SystemsConfig, wrap_prompt
+
+    inp, prefix = ruler_render(TASKS["s-niah-1"], "<CONTEXT>", "k")
+    assert wrap_prompt(inp, prefix, "base") == inp + prefix
+    reader = wrap_prompt(inp, prefix, "reader")
+    assert reader == inp + "\nAnswer:" + prefix
+    assert inp.endswith("mentioned in the provided text?") and reader.index("\nAnswer:") == len(inp)
+    with pytest.raises(ValueError, match="unknown chat template"):
+        SystemsConfig(chat_template="llama3")
+
+
 def test_ruler_needles_and_values_formats(synth_essays):
     s = build_sample(TASKS["mk-niah-3"], tokenizer=ByteTok(), target_length=3000, depth=30, index=0, seed=1)
     uuid_re = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"

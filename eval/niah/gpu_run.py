@@ -89,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on cuda)")
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument(
+        "--chat-template", default="base", help="base | reader: how the LM systems wrap RULER's input"
+    )
     ap.add_argument("--no-preflight", action="store_true", help="skip the router/HybridRAG preflight")
     ap.add_argument("--report-only", action="store_true", help="compute nothing: report the records in --out "
                     "(+ --resume-from), e.g. merged from several calls")  # fmt: skip
@@ -113,6 +116,7 @@ def build_config(a: argparse.Namespace) -> RunConfig:
         sys=SystemsConfig(
             model_dir=a.model or None, full_model_dir=full, device=device, dtype=dtype,
             max_new_tokens=a.max_new_tokens, top_k=a.top_k, embedder_dir=a.embedder, seed=a.seed,
+            chat_template=a.chat_template,
         ),
     )  # fmt: skip
 

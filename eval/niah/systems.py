@@ -55,6 +55,25 @@ class SystemsConfig:
     max_full_len: int | None = None  # ``full`` runs only up to this prompt length (None = always)
     seed: int = 0  # init seed of the random debug model
     embedder_dir: str | None = None  # sentence-transformers dir (e.g. an int8 export); None = the package's
+    # how ttt/swa/full/retrieval wrap RULER's task input before its answer prefix (RULER's "chat template"):
+    # "base" = input + prefix; "reader" = input + "\nAnswer:" + prefix, the turn marker of our reader fine-tune
+    chat_template: str = "base"
+
+    def __post_init__(self) -> None:
+        if self.chat_template not in CHAT_TEMPLATES:
+            raise ValueError(
+                f"unknown chat template {self.chat_template!r}; choose from {list(CHAT_TEMPLATES)}"
+            )
+
+
+# RULER wraps the task input in the model's chat template and appends the answer prefix after the assistant
+# turn (niah.md §1.1); ours: "{input}{assistant}{answer_prefix}"
+CHAT_TEMPLATES = {"base": "", "reader": "\nAnswer:"}
+
+
+def wrap_prompt(input_text: str, answer_prefix: str, template: str) -> str:
+    """RULER's prompt for one chat template: the task input, the template's assistant turn, the answer prefix."""
+    return input_text + CHAT_TEMPLATES[template] + answer_prefix
 
 
 class LMRunner:
@@ -195,9 +214,9 @@ class Systems:
 
     def predict(self, name: str, s: Sample) -> Prediction:
         fn: dict[str, Callable[[Sample], Prediction]] = {
-            "ttt": lambda s: Prediction(text=self.lm.generate(s.prompt, "ttt")),
-            "swa": lambda s: Prediction(text=self.lm.generate(s.prompt, "swa")),
-            "full": lambda s: Prediction(text=self.lm.generate(s.prompt, "full")),
+            "ttt": lambda s: Prediction(text=self.lm.generate(self._prompt(s), "ttt")),
+            "swa": lambda s: Prediction(text=self.lm.generate(self._prompt(s), "swa")),
+            "full": lambda s: Prediction(text=self.lm.generate(self._prompt(s), "full")),
             "retrieval": self._retrieval,
             "bm25": lambda s: self._recall(s, "bm25"),
             "dense": lambda s: self._recall(s, "dense"),
@@ -209,6 +228,9 @@ class Systems:
         p = fn[name](s)
         p.text = postprocess_pred(p.text)
         return p
+
+    def _prompt(self, s: Sample) -> str:
+        return wrap_prompt(s.input, s.answer_prefix, self.cfg.chat_template)
 
     def _regex(self, s: Sample) -> Prediction:
         spec = TASKS[s.task]
@@ -224,7 +246,9 @@ class Systems:
         hits = self._index.get(s).search(s.question, k=self.cfg.top_k, mode="hybrid")
         retrieved = "\n".join(h.chunk.text for h in _hits_in_doc_order(hits))
         assert s.context in s.input, "sample context not found in its input"
-        prompt = s.input.replace(s.context, retrieved, 1) + s.answer_prefix
+        prompt = wrap_prompt(
+            s.input.replace(s.context, retrieved, 1), s.answer_prefix, self.cfg.chat_template
+        )
         return Prediction(text=self.lm.generate(prompt, "ttt"), extra={"chunks": [h.chunk.id for h in hits]})
 
     def prepare(self, name: str, s: Sample) -> float:
