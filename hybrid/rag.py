@@ -366,6 +366,8 @@ class HybridRAG:
             temperature=temp,
             eos_id=self.tokenizer.eos_id,
             constraint=self._constraint(plan),
+            contrast_prompt=plan["contrast"],
+            contrast_alpha=self.config.reader.context_contrast,
         )
         ids: list[int] = []
         pieces: list[str] = []
@@ -449,7 +451,12 @@ class HybridRAG:
             state, version, mem_tokens = shared.clone(), meta.version, meta.tokens_read  # per-request copy
             timings["memory_rebuild" if rebuilt else "memory"] = time.perf_counter() - t
         prompt = build_prompt(q, hits, self.tokenizer, budget=budget, cfg=self.config.reader)
+        contrast = None  # context-aware decoding: the same question without its sources
+        if decision.route == "lookup" and self.config.reader.context_contrast > 0 and prompt.sources:
+            bare = build_prompt(q, [], self.tokenizer, budget=budget, cfg=self.config.reader)
+            contrast = torch.tensor([bare.ids], dtype=torch.long, device=self.device)
         return {
+            "contrast": contrast,
             "t0": t0,
             "route": decision.route,
             "decision": decision,

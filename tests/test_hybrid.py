@@ -82,17 +82,21 @@ def test_lookup_cites_the_planted_fact(tmp_path, model, tok):
     assert ans.memory_version is None and ans.usage["prompt_tokens"] <= model.cfg.window - 6
 
 
-@pytest.mark.parametrize("extractive", [True, False])
-def test_reader_decodes_with_base_weights(tmp_path, model, tok, extractive):
+@pytest.mark.parametrize("mode", ["free", "extractive", "contrast"])
+def test_reader_decodes_with_base_weights(tmp_path, model, tok, mode):
     """The lookup answer equals greedy decoding with the plain forward (W0, no TTT) over the same prompt;
-    extractive: digit words only as verbatim copies from the prompt's sources (brute force here)."""
+    extractive: digit words only as verbatim copies from the prompt's sources (brute force here); contrast:
+    argmax of 1.5 * logits - 0.5 * logits of the prompt without its sources (both recomputed from scratch)."""
     from copy_reference import allowed
 
     from hybrid.extractive import token_texts
     from hybrid.reader import ReaderConfig, build_prompt, token_budget
 
     rag = make_rag(tmp_path, model, tok)
-    rag.config.reader = ReaderConfig(extractive=extractive)
+    extractive = mode == "extractive"
+    rag.config.reader = ReaderConfig(
+        extractive=extractive, context_contrast=0.5 if mode == "contrast" else 0.0
+    )
     rag.ingest(DOCS)
     q = "Who waters the pears?"
     ans = rag.answer(q, route="lookup")
@@ -102,11 +106,14 @@ def test_reader_decodes_with_base_weights(tmp_path, model, tok, extractive):
     assert tok.decode(body).startswith("[1] ") and q not in tok.decode(body)
     texts = token_texts(tok, model.cfg.vocab_size)
     source = tok.decode(body)
+    bare = build_prompt(q, [], tok, budget=token_budget(model.cfg.window, 6, rag.config.reader)).ids
     ids = torch.tensor([prompt.ids])
     out: list[int] = []
     with torch.no_grad():
         for _ in range(6):
             logits = model(ids)[0, -1]
+            if mode == "contrast":
+                logits = 1.5 * logits - 0.5 * model(torch.tensor([bare + out]))[0, -1]
             if extractive:
                 ok = allowed(tok.decode(out), source, texts, tok.eos_id)
                 logits[[t for t in range(logits.shape[0]) if t not in ok]] = float("-inf")

@@ -51,6 +51,36 @@ def sample_next(
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+class _Stream:
+    """One batch of sequences being decoded: its next-token ``logits`` (B, V), advanced one token at a time."""
+
+    def __init__(
+        self, model: TTTModel, prompt: torch.Tensor | None, state: TTTState | None, decoder: str, n_new: int
+    ) -> None:
+        if prompt is not None and prompt.numel() > 0:
+            out = model.prefill(prompt, state)
+            state, self.logits = out.state, out.last_logits
+        elif state is not None and state.last_logits is not None:
+            self.logits = state.last_logits
+        else:
+            raise ValueError("generate needs a non-empty prompt (B, T) or a state that has read tokens")
+        self.model, self.state = model, state
+        if decoder == "auto":
+            decoder = "session" if self.logits.is_cuda else "prefill"
+        self.session = None
+        if decoder == "session" and n_new > 1:
+            from ttt.decode import DecodeSession
+
+            self.session = DecodeSession(model, state, max_new_tokens=n_new)  # type: ignore[arg-type]
+
+    def step(self, tok: torch.Tensor) -> None:
+        if self.session is not None:
+            self.logits = self.session.step(tok)
+        else:
+            out = self.model.prefill(tok[:, None], self.state)
+            self.state, self.logits = out.state, out.last_logits
+
+
 @torch.no_grad()
 def generate_iter(
     model: TTTModel,
@@ -64,32 +94,34 @@ def generate_iter(
     generator: torch.Generator | None = None,
     decoder: str = "auto",
     constraint: TokenConstraint | None = None,
+    contrast_prompt: torch.Tensor | None = None,
+    contrast_alpha: float = 0.0,
 ) -> Iterator[torch.Tensor]:
     """Yield (B,) next tokens one step at a time. A row that emitted ``eos_id`` keeps emitting it; the loop
     stops when every row has. ``prompt`` may be None/empty when ``state`` already read some tokens.
-    ``constraint`` (batch 1) masks the logits before every choice. The caller's ``state`` is not modified."""
+    ``constraint`` (batch 1) masks the logits before every choice. ``contrast_prompt`` (B, T') with
+    ``contrast_alpha`` a > 0: context-aware decoding (Shi et al. 2023), choices from (1 + a) * logits - a *
+    the logits of the same continuation after ``contrast_prompt`` (e.g. the question without its sources),
+    which discounts what the model would say without the context. The caller's ``state`` is not modified."""
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if decoder not in ("auto", "prefill", "session"):
         raise ValueError(f"decoder must be 'auto', 'prefill' or 'session', got {decoder!r}")
-    if prompt is not None and prompt.numel() > 0:
-        out = model.prefill(prompt, state)
-        state, logits = out.state, out.last_logits
-    elif state is not None and state.last_logits is not None:
-        logits = state.last_logits
-    else:
-        raise ValueError("generate needs a non-empty prompt (B, T) or a state that has read tokens")
-    if decoder == "auto":
-        decoder = "session" if logits.is_cuda else "prefill"
-    session = None
-    if decoder == "session" and max_new_tokens > 1:
-        from ttt.decode import DecodeSession
-
-        session = DecodeSession(model, state, max_new_tokens=max_new_tokens)  # type: ignore[arg-type]
-    done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
-    if constraint is not None and logits.shape[0] != 1:
-        raise ValueError(f"a token constraint decodes one sequence at a time, got batch {logits.shape[0]}")
+    if contrast_alpha < 0:
+        raise ValueError(f"contrast_alpha must be >= 0, got {contrast_alpha}")
+    main = _Stream(model, prompt, state, decoder, max_new_tokens)
+    ref = None
+    if contrast_prompt is not None and contrast_alpha > 0:
+        ref = _Stream(model, contrast_prompt, None, decoder, max_new_tokens)
+        assert ref.logits.shape == main.logits.shape, "the contrast prompt needs the prompt's batch size"
+    B = main.logits.shape[0]
+    if constraint is not None and B != 1:
+        raise ValueError(f"a token constraint decodes one sequence at a time, got batch {B}")
+    done = torch.zeros(B, dtype=torch.bool, device=main.logits.device)
     for step in range(max_new_tokens):
+        logits = main.logits
+        if ref is not None:
+            logits = (1 + contrast_alpha) * logits - contrast_alpha * ref.logits
         if constraint is not None:
             logits = logits.masked_fill(~constraint.mask().to(logits.device)[None, :], float("-inf"))
         tok = sample_next(logits, temperature, top_p, generator)
@@ -101,11 +133,9 @@ def generate_iter(
         yield tok
         if bool(done.all()) or step == max_new_tokens - 1:
             return
-        if session is not None:
-            logits = session.step(tok)
-        else:
-            out = model.prefill(tok[:, None], state)
-            state, logits = out.state, out.last_logits
+        main.step(tok)
+        if ref is not None:
+            ref.step(tok)
 
 
 def generate(

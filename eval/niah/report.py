@@ -197,10 +197,23 @@ def write_report(
 
 
 # ---- README material ---------------------------------------------------------------------------------------
-SYSTEM_ORDER = ("hybrid", "hybrid-copy", "fused", "retrieval", "bm25", "dense", "regex", "ttt", "swa", "full")
+SYSTEM_ORDER = (
+    "hybrid",
+    "hybrid-copy",
+    "hybrid-cad",
+    "fused",
+    "retrieval",
+    "bm25",
+    "dense",
+    "regex",
+    "ttt",
+    "swa",
+    "full",
+)
 SYSTEM_NOTE = {
     "bm25": "bm25 (recall@k)", "dense": "dense (recall@k)", "regex": "regex (value pattern)",
     "full": "full (FA control)", "hybrid": "hybrid (auto route)", "hybrid-copy": "hybrid, copy-constrained lookups (ablation)",
+    "hybrid-cad": "hybrid, context-aware decoding (ablation)",
 }  # fmt: skip
 
 

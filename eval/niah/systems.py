@@ -10,6 +10,8 @@
 * ``hybrid`` / ``fused`` ``HybridRAG`` (the loaded model, a fresh store) with ``route="auto"`` / ``"fused"``.
 * ``hybrid-copy`` ablation: ``hybrid`` with copy-constrained lookup answers (``ReaderConfig(extractive=True)``,
             ``hybrid/extractive.py``).
+* ``hybrid-cad`` ablation: ``hybrid`` with context-aware decoding of lookup answers
+            (``ReaderConfig(context_contrast=0.5)``).
 
 Per-sample setup (the retrieval index; the HybridRAG store with the haystack ingested, shared by hybrid and
 fused) is built by ``prepare`` and timed apart from the answer (``prepare_s`` vs ``latency_s``).
@@ -32,8 +34,20 @@ from eval.niah.tasks import TASKS, Sample
 
 log = logging.getLogger(__name__)
 
-SYSTEMS = ("ttt", "swa", "full", "retrieval", "bm25", "dense", "regex", "hybrid", "fused", "hybrid-copy")
-GENERATIVE = ("ttt", "swa", "full", "retrieval", "hybrid", "fused", "hybrid-copy")
+SYSTEMS = (
+    "ttt",
+    "swa",
+    "full",
+    "retrieval",
+    "bm25",
+    "dense",
+    "regex",
+    "hybrid",
+    "fused",
+    "hybrid-copy",
+    "hybrid-cad",
+)
+GENERATIVE = ("ttt", "swa", "full", "retrieval", "hybrid", "fused", "hybrid-copy", "hybrid-cad")
 
 
 @dataclass(kw_only=True)
@@ -224,6 +238,7 @@ class Systems:
             "hybrid": lambda s: self._hybrid(s, "auto"),
             "fused": lambda s: self._hybrid(s, "fused"),
             "hybrid-copy": lambda s: self._hybrid(s, "auto", extractive=True),
+            "hybrid-cad": lambda s: self._hybrid(s, "auto", context_contrast=0.5),
         }
         p = fn[name](s)
         p.text = postprocess_pred(p.text)
@@ -257,7 +272,7 @@ class Systems:
         t0 = time.perf_counter()
         if name in ("retrieval", "bm25", "dense"):
             self._index.get(s)
-        elif name in ("hybrid", "fused", "hybrid-copy"):
+        elif name in ("hybrid", "fused", "hybrid-copy", "hybrid-cad"):
             self._rag_for(s)
         return round(time.perf_counter() - t0, 4)
 
@@ -281,10 +296,13 @@ class Systems:
             self._rag = (key, rag, tmp)
         return self._rag[1]
 
-    def _hybrid(self, s: Sample, route: str, extractive: bool = False) -> Prediction:
+    def _hybrid(self, s: Sample, route: str, **reader_options: Any) -> Prediction:
+        """``HybridRAG.answer``; ``reader_options`` override the default ``ReaderConfig`` for this call only."""
+        from hybrid.reader import ReaderConfig
+
         rag = self._rag_for(s)
         reader = rag.config.reader
-        rag.config.reader = replace(reader, extractive=extractive)  # the shared store, this call's reader
+        rag.config.reader = replace(ReaderConfig(), **reader_options)  # the shared store, this call's reader
         try:
             ans = rag.answer(
                 s.question, route=route, top_k=self.cfg.top_k, max_new_tokens=self.cfg.max_new_tokens
