@@ -686,7 +686,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         states: dict[str, Any] = {}
         res["prefill_batch1"].append(bench_prefill(models, T, 1, args, keep_state=states))
         save()  # a long decode that does not finish must not take the long prefill's numbers with it
-        save()  # a long decode that does not finish must not take the long prefill's numbers with it
         if args.decode:
             res["decode"].append(
                 bench_decode({k: m for k, m in models.items() if k in states}, T, args, states)

@@ -55,10 +55,10 @@ class ValueCopy:
     ``advance(token)`` with the token chosen."""
 
     def __init__(self, source_text: str, texts: Sequence[str], *, stop_ids: Iterable[int]) -> None:
-        cores = [_core(w) for w in source_text.split()]
-        self.complete = {c for c in cores if _has_digit(c)}  # digit words of the sources
         if not source_text.strip():
             raise ValueError("ValueCopy needs source text to copy from")
+        cores = [_core(w) for w in source_text.split()]
+        self.complete = {c for c in cores if _has_digit(c)}  # digit words of the sources
         self.prefixes = {c[:i] for c in self.complete for i in range(1, len(c) + 1)}
         self.texts = list(texts)
         self.stop = sorted({int(t) for t in stop_ids})

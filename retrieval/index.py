@@ -66,9 +66,8 @@ class IndexConfig:
     bm25: BM25Config = field(default_factory=BM25Config)
     dense: DenseConfig | None = field(default_factory=DenseConfig)  # None: BM25 only
     rrf_k: int = 60  # reciprocal-rank-fusion constant
-    rrf_leaders: int = (
-        1  # each retriever's top-n hits come first (retrieval/fusion.py says why); 0 = plain RRF
-    )
+    # each retriever's top-n hits come first (retrieval/fusion.py says why); 0 = plain RRF
+    rrf_leaders: int = 1
     weights: dict[str, float] = field(default_factory=lambda: {"bm25": 1.0, "dense": 1.0})
     hybrid_candidates: int = 100  # per-retriever depth fed to fusion (at least k)
     max_query_chars: int = 4096

@@ -23,7 +23,7 @@ from ttt.state import TTTState
 
 class TokenConstraint(Protocol):
     """Constrained decoding of one sequence: ``mask()`` (V,) bool of the tokens allowed next, then
-    ``advance(token)`` with the token chosen (e.g. ``hybrid.extractive.SpanCopy``)."""
+    ``advance(token)`` with the token chosen (e.g. ``hybrid.extractive.ValueCopy``)."""
 
     def mask(self) -> torch.Tensor: ...
 

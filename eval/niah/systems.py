@@ -297,12 +297,10 @@ class Systems:
         return self._rag[1]
 
     def _hybrid(self, s: Sample, route: str, **reader_options: Any) -> Prediction:
-        """``HybridRAG.answer``; ``reader_options`` override the default ``ReaderConfig`` for this call only."""
-        from hybrid.reader import ReaderConfig
-
+        """``HybridRAG.answer``; ``reader_options`` override fields of the store's ``ReaderConfig`` for this call only."""
         rag = self._rag_for(s)
         reader = rag.config.reader
-        rag.config.reader = replace(ReaderConfig(), **reader_options)  # the shared store, this call's reader
+        rag.config.reader = replace(reader, **reader_options)  # the shared store, this call's reader
         try:
             ans = rag.answer(
                 s.question, route=route, top_k=self.cfg.top_k, max_new_tokens=self.cfg.max_new_tokens
