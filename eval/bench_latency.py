@@ -477,7 +477,7 @@ def kernel_category(name: str) -> str:
     return next((c for c, keys in KERNEL_CATEGORIES if any(k in low for k in keys)), "other")
 
 
-def profile_summary(events: list[tuple[str, float, int]], wall_ms: float, top: int = 15) -> dict[str, Any]:
+def profile_summary(events: list[tuple[str, float, int]], wall_ms: float, top: int = 40) -> dict[str, Any]:
     """(kernel name, total device ms, calls) rows of one profiled call -> shares by category, the top kernels,
     and how much of the wall time the device was busy (low = the host cannot feed it: launches, Python)."""
     busy = sum(ms for _, ms, _ in events)
@@ -603,6 +603,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fa-max", type=int, default=1 << 20, help="longest length to time full attention at")
     p.add_argument("--fa-full-max", type=int, default=131072, help="above: FA = one block x n_layers")
     p.add_argument("--backend", default="auto", help="attention backend of the TTT path")
+    p.add_argument("--chunk-backend", default=None, help="auto's choice below FLEX_MIN_QUERIES: fa2 | flex")
+    p.add_argument("--long-backend", default=None, help="auto's choice for long inputs: flex | fa2")
+    p.add_argument("--eager-head", action="store_true", help="chunk steps use the eager head (no fused NLL)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--rotate", type=int, default=3)
@@ -654,10 +657,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log.info("peak %.0f TFLOP/s; check %s", args.peak_tflops, res["check"])
     models = {k: build(args.preset, k, args.vocab) for k in args.systems}
     # --chunk-graph: every TTT-E2E prefill replays its chunk-step graph (--compare-graph still times both)
-    if args.chunk_graph:
-        from ttt import inner
+    from ttt import attention as att
+    from ttt import inner
 
-        inner.CHUNK_GRAPHS = True
+    inner.CHUNK_GRAPHS = args.chunk_graph
+    inner.HEAD_FUSED = not args.eager_head
+    att.CHUNK_BACKEND = args.chunk_backend or att.CHUNK_BACKEND
+    att.LONG_BACKEND = args.long_backend or att.LONG_BACKEND
+    res["attention_auto"] = {
+        "chunk": att.CHUNK_BACKEND,
+        "long": att.LONG_BACKEND,
+        "head_fused": inner.HEAD_FUSED,
+    }
     res["params"] = {k: n_params(m, embedding=True) for k, m in models.items()}
     res["memory"] = [bench_memory(models, T) for T in sorted({*args.lengths, *args.long_lengths})]
     res["prefill_batch1"] = [bench_prefill(models, T, 1, args) for T in args.lengths]

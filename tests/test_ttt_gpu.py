@@ -41,18 +41,27 @@ def test_meta_loss_backward_and_prefill_on_cuda() -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("backend", "dtype", "hkv", "dh"), [("flex", torch.float32, 4, 64),
+                                                           ("flex", torch.bfloat16, 4, 64),
+                                                           ("fa2", torch.bfloat16, 4, 80),
+                                                           ("fa2", torch.float16, 2, 64)])  # fmt: skip
 @pytest.mark.parametrize(("tq", "tk", "pad"), [(256, 256, 0), (128, 128 + 300, 0), (128, 128 + 511, 0),
                                                (128, 128 + 511, 200), (1000, 1000, 0), (64, 900, 0)])  # fmt: skip
-def test_flex_equals_math_on_cuda(dtype: torch.dtype, tq: int, tk: int, pad: int) -> None:
-    """FlexAttention (exact band, padded chunk shapes, key_pad) == explicit masked attention, values and grads."""
-    from ttt.attention import attention
+def test_fused_band_equals_math_on_cuda(
+    backend: str, dtype: torch.dtype, hkv: int, dh: int, tq: int, tk: int, pad: int
+) -> None:
+    """Flex and torch's FlashAttention-2 with a window (exact band, chunk shapes, key_pad, GQA, head dim 80)
+    == explicit masked attention in float64, values and gradients."""
+    from ttt.attention import attention, fa2_supported
 
+    if backend == "fa2" and not fa2_supported():
+        pytest.skip("this torch build's _flash_attention_forward takes no window sizes")
     torch.manual_seed(0)
-    q, k, v = (torch.randn(2, 4, n, 64, device="cuda", dtype=dtype, requires_grad=True) for n in (tq, tk, tk))
-    out = attention(q, k, v, window=512, backend="flex", key_pad=pad)
+    q = torch.randn(2, 4, tq, dh, device="cuda", dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(2, hkv, tk, dh, device="cuda", dtype=dtype, requires_grad=True) for _ in range(2))
+    out = attention(q, k, v, window=512, backend=backend, key_pad=pad)
     ref = attention(q.double(), k.double(), v.double(), window=512, backend="math", key_pad=pad)
-    tol = 2e-2 if dtype == torch.bfloat16 else 2e-5
+    tol = {torch.bfloat16: 2e-2, torch.float16: 4e-3}.get(dtype, 2e-5)
     assert (out.double() - ref).abs().max().item() < tol
     g = torch.randn_like(ref)
     gq, gk, gv = torch.autograd.grad(out.double(), (q, k, v), g)
@@ -83,14 +92,19 @@ def test_prefill_flex_and_graphed_decode_match_reference_on_cuda() -> None:
 def test_auto_backend_compiles_flex_only_for_repeating_or_long_shapes() -> None:
     """auto: chunk-shaped calls (Tq < window) and whole sequences from FLEX_MIN_QUERIES take flex; prompts of
     varying length below that take SDPA's band path (no compile per prompt); both equal explicit attention."""
+    from ttt import attention as att
     from ttt.attention import BACKEND_CALLS, FLEX_MIN_QUERIES, attention, auto_backend
 
-    q = torch.zeros(1, 2, 1000, 64, device="cuda", dtype=torch.bfloat16)
+    q = torch.zeros(1, 2, 1000, 64, device="cuda")  # fp32: no FlashAttention
     assert auto_backend(q, 1000, 512) == "sdpa"
     assert auto_backend(q[:, :, :128], 128 + 511, 512) == "flex"
     assert auto_backend(q, 1000, 1000) == "sdpa"  # the window covers every key: plain causal
     long_q = torch.zeros(1, 2, FLEX_MIN_QUERIES, 64, device="cuda", dtype=torch.bfloat16)
-    assert auto_backend(long_q, FLEX_MIN_QUERIES, 512) == "flex"
+    assert auto_backend(long_q, FLEX_MIN_QUERIES, 512) == att.LONG_BACKEND
+    if att.fa2_supported():  # bf16 with a window that cuts keys off: torch's FlashAttention-2, any length
+        assert auto_backend(q.bfloat16(), 1000, 512) == "fa2"
+        assert auto_backend(q[:, :, :128].bfloat16(), 128 + 511, 512) == "fa2"
+        assert auto_backend(q.bfloat16(), 1000, 1000) == "sdpa"
     torch.manual_seed(0)
     for n in (777, 1000, 1301):
         q, k, v = (torch.randn(1, 2, n, 64, device="cuda") for _ in range(3))

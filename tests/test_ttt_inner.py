@@ -267,3 +267,22 @@ def test_state_from_another_config_or_batch_is_rejected() -> None:
         m.prefill(torch.randint(0, 61, (1, 5)), {"fast": {}})
     with pytest.raises(ValueError, match="T >= 2"):
         m.meta_loss(torch.randint(0, 61, (1, 1)))
+
+
+def test_compiled_head_nll_equals_eager_head() -> None:
+    """The compiled head + NLL of prefill's GPU chunk step (only the last logits row comes out) == the eager
+    head's logits and NLL, values and input gradients (compiled on CPU here; CUDA uses the same function)."""
+    from ttt.inner import head_nll
+
+    torch.manual_seed(0)
+    m = TTTModel(ModelConfig.from_name("debug", vocab_size=300)).double()
+    x = torch.randn(2, 16, m.cfg.d_model, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 300, (2, 16))
+    last, nll = head_nll(m, x, t, fused=True)
+    logits, ref = head_nll(m, x, t, fused=False)
+    assert last.shape == (2, 1, 300) and logits.shape == (2, 16, 300)
+    torch.testing.assert_close(last, logits[:, -1:], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(nll, ref, rtol=1e-12, atol=1e-12)
+    w = torch.rand(2, 16, dtype=torch.float64)  # a weighted loss: each position's gradient counts
+    g, g_ref = (torch.autograd.grad((n * w).sum(), x)[0] for n in (nll, ref))
+    torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)

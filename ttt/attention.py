@@ -9,17 +9,22 @@ Backends:
 - ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention``. Uses the fused causal kernels
   (``is_causal`` / ``causal_lower_right``) when the window covers every key, else an explicit band mask.
 - ``"flash"``: flash-attn's ``window_size`` (CUDA, fp16/bf16 only), when importable.
+- ``"fa2"``: PyTorch's own FlashAttention-2 kernel (``aten._flash_attention_forward``) with its ``window_size``
+  arguments: the exact band, lower-right aligned, fused forward and backward, no compile, no flash-attn package
+  (CUDA sm80+, fp16/bf16, head dim a multiple of 8 up to 256). First-order only.
 - ``"flex"``: FlexAttention with a block mask built once per shape (``create_block_mask(_compile=True)``) and
   a compiled kernel: the exact band at fused speed (gpu-notes: 412 TFLOP/s for the 128K prefix on the H100).
   Chunk-shaped calls (``Tq <= window``) left-pad the keys to ``Tq + window - 1`` so every chunk of a sequence
   reuses one kernel; padded and out-of-band blocks are skipped by the block mask. First-order only.
-- ``"auto"``: flash when usable; on CUDA flex when the window cuts keys off, else sdpa (fused causal kernels).
+- ``"auto"``: flash when usable; sdpa (fused causal kernels) when the window covers every key; otherwise
+  ``LONG_BACKEND`` / ``CHUNK_BACKEND`` (fa2 or flex) by input length, see ``auto_backend``.
 
 ``key_pad`` (every backend): the first ``key_pad`` keys are padding and never visible (a constant-shape cache).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 
@@ -34,13 +39,19 @@ except Exception:  # pragma: no cover - flash-attn absent on CPU machines
     _flash_attn_func = None
     FLASH_ATTN_AVAILABLE = False
 
-BACKENDS = ("auto", "math", "sdpa", "flash", "flex")
+BACKENDS = ("auto", "math", "sdpa", "flash", "fa2", "flex")
 # calls per resolved backend since the last reset (benchmarks report which kernels actually ran)
 BACKEND_CALLS: Counter[str] = Counter()
 # sdpa with a band mask runs query blocks of this size, so the boolean mask stays (block, block + window)
 # instead of (T, T); the GPU fast path (FlexAttention) can replace this
 SDPA_QUERY_BLOCK = 4096
 FLEX_MIN_QUERIES = 16384  # auto: flex for whole-sequence calls only from this many queries (see auto_backend)
+# auto's first choice when the window cuts keys off, "flex" or "fa2": for inputs of at least FLEX_MIN_QUERIES
+# queries (the prefix pass of a long input), and for shorter calls (TTT chunks, prompts). H100, 3b shape
+# (eval/results/attention-kernels.json): one 128K prefix layer flex 38.5 ms vs fa2 46.9 ms; one chunk (1,024
+# queries over 9,215 keys) forward + backward fa2 1.56 ms vs flex 1.99 ms, and fa2 compiles nothing.
+LONG_BACKEND = "flex"
+CHUNK_BACKEND = "fa2"
 
 
 def band_mask(tq: int, tk: int, window: int | None, device: torch.device | None = None) -> torch.Tensor:
@@ -106,6 +117,26 @@ def _flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: 
     return out.transpose(1, 2)
 
 
+@functools.cache
+def fa2_supported() -> bool:
+    """Whether this torch build's ``aten._flash_attention_forward`` takes window sizes."""
+    op = getattr(torch.ops.aten, "_flash_attention_forward", None)
+    return op is not None and "window_size_left" in str(op.default._schema)
+
+
+def _fa2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
+    """PyTorch's built-in FlashAttention-2 with a sliding window (bottom-right aligned when Tq != Tk, like
+    flash-attn): key j visible to query i iff 0 <= pos(i) - j <= window - 1. Autograd: FlashAttentionBackward0."""
+    tq, tk = q.shape[2], k.shape[2]
+    left = -1 if _window_covers_all(tq, tk, window) else window - 1  # type: ignore[operator]
+    # (B, H, T, D) -> the kernel's (B, T, H, D); GQA is native (Hkv divides H)
+    out = torch.ops.aten._flash_attention_forward(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, tq, tk, 0.0, True, False,
+        window_size_left=left, window_size_right=0,
+    )[0]  # fmt: skip
+    return out.transpose(1, 2)  # (B, H, Tq, D)
+
+
 # ---- FlexAttention ---------------------------------------------------------------------------------
 _FLEX: dict[str, object] = {}
 _MASK_MODS: dict[tuple, tuple] = {}  # (Tq, Tk, window, device) -> (mask_mod, its key_pad buffer)
@@ -117,11 +148,12 @@ _BLOCK_MASK_CACHE = 64
 def _flex_kernel():
     """flex_attention compiled once (dynamic=False: one kernel per shape; chunk shapes are constant)."""
     if "fn" not in _FLEX:
-        import torch._dynamo
         from torch.nn.attention.flex_attention import flex_attention
 
+        from ttt.model import raise_recompile_limit
+
         # one compile per distinct (Tq, Tk): the prefix lengths of a benchmark sweep plus the chunk shape
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        raise_recompile_limit()
         _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
     return _FLEX["fn"]
 
@@ -184,24 +216,43 @@ def flash_usable(q: torch.Tensor) -> bool:
     return FLASH_ATTN_AVAILABLE and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
+def fa2_usable(q: torch.Tensor) -> bool:
+    D = q.shape[-1]
+    return (
+        q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and D % 8 == 0
+        and D <= 256
+        and torch.cuda.get_device_capability(q.device)[0] >= 8
+        and fa2_supported()
+    )
+
+
 def flex_usable(q: torch.Tensor) -> bool:
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
 def auto_backend(q: torch.Tensor, tk: int, window: int | None) -> str:
-    """flash-attn when installed; on CUDA FlexAttention when the window cuts keys off and the shape repeats
-    (chunk-shaped calls, padded to one key length) or is long enough to pay for its compile; else SDPA.
-
-    Flex compiles one kernel per (Tq, Tk) (10-30 s each): prompts of varying length (an eval, a server) below
-    ``FLEX_MIN_QUERIES`` take SDPA's query-blocked band path instead of compiling a kernel per prompt.
+    """Which kernel ``backend="auto"`` runs. flash-attn when installed; SDPA's fused causal kernels when the window
+    covers every key; otherwise (the window cuts keys off) ``LONG_BACKEND`` for inputs of ``FLEX_MIN_QUERIES``
+    queries or more and ``CHUNK_BACKEND`` below that, each when usable. Flex below ``FLEX_MIN_QUERIES`` only for
+    chunk-shaped calls (Tq < window, padded to one key length): it compiles one kernel per (Tq, Tk) (10-30 s
+    each), so prompts of varying length (an eval, a server) never take it; they fall back to fa2 or SDPA's
+    query-blocked band path.
     """
     if flash_usable(q):
         return "flash"
     tq = q.shape[2]
-    if flex_usable(q) and not _window_covers_all(tq, tk, window):
-        assert window is not None
-        if tq < window or tq >= FLEX_MIN_QUERIES:
-            return "flex"
+    if _window_covers_all(tq, tk, window):
+        return "sdpa"
+    assert window is not None
+    long = tq >= FLEX_MIN_QUERIES
+    flex_ok = flex_usable(q) and (long or tq < window)
+    usable = {"fa2": fa2_usable(q), "flex": flex_ok}
+    first = LONG_BACKEND if long else CHUNK_BACKEND
+    for name in (first, "fa2", "flex"):
+        if usable.get(name):
+            return name
     return "sdpa"
 
 
@@ -237,6 +288,8 @@ def attention(
         return _sdpa_attention(q, k, v, window)
     if backend == "flash":
         return _flash_attention(q, k, v, window)
+    if backend == "fa2":
+        return _fa2_attention(q, k.to(q.dtype), v.to(q.dtype), window)
     raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")
 
 
@@ -245,6 +298,8 @@ def available_backends(device: torch.device | str = "cpu", dtype: torch.dtype = 
     out = ["math", "sdpa"]
     if torch.device(device).type == "cuda":
         out.append("flex")
+        if dtype in (torch.float16, torch.bfloat16) and fa2_supported():
+            out.append("fa2")
     if (
         FLASH_ATTN_AVAILABLE
         and torch.device(device).type == "cuda"

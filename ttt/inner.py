@@ -20,12 +20,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from ttt.model import KV, TTTModel, check_tokens, unfused
+from ttt.model import KV, TTTModel, check_tokens, fused_enabled, raise_recompile_limit, unfused
 from ttt.state import TTTState
 
 HEAD_SLICE = 8192  # positions per output-head call when a plain (no-TTT) model scores a long input
 # GPU fast path, opt-in: replay prefill's steady-state chunk steps from one CUDA graph (ttt/graphs.py)
 CHUNK_GRAPHS = False
+# GPU fast path: prefill's chunk steps take the compiled head + NLL (``head_nll``); off = the eager head
+HEAD_FUSED = True
 
 
 class PrefillOutput(NamedTuple):
@@ -35,7 +37,7 @@ class PrefillOutput(NamedTuple):
 
 
 class ChunkOut(NamedTuple):
-    logits: torch.Tensor  # (B, n, V) scored with W_{i-1}
+    logits: torch.Tensor  # (B, n, V) scored with W_{i-1}; (B, 1, V), the last input's only, when head_fused
     nll: torch.Tensor  # (B, n)
     loss: torch.Tensor  # (B,) masked mean CE of each row's chunk
     fast: dict[str, torch.Tensor]  # W_i (or W_{i-1} when update=False)
@@ -48,7 +50,10 @@ def clip_scale(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
 
     scale_b = 1 if ||g_b|| <= max_norm else max_norm / ||g_b||, with ||g_b|| over all tensors jointly.
     """
-    sq = sum(_up(g).pow(2).flatten(1).sum(1) for g in grads)  # (B,) in fp32 (fp64 for fp64 tests)
+    if any(g.requires_grad for g in grads):  # meta_loss differentiates through the clip: the smooth form
+        sq = sum(_up(g).pow(2).flatten(1).sum(1) for g in grads)  # (B,) in fp32 (fp64 for fp64 tests)
+    else:  # prefill: one fused reduction per tensor instead of a squared copy, then a sum (1.4 GB at 3b)
+        sq = sum(torch.linalg.vector_norm(_up(g).flatten(1), dim=1).square() for g in grads)
     limit = torch.full_like(sq, max_norm**2)
     # where() *before* the sqrt keeps the gradient finite when ||g|| = 0 (the unselected branch is constant)
     return max_norm / torch.sqrt(torch.where(sq > limit, sq, limit))  # (B,), == 1 when not clipped
@@ -107,11 +112,40 @@ def chunk_loss(
     logits: torch.Tensor, targets: torch.Tensor, bos_id: int | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token NLL (B, n) and per-row masked mean CE (B,); BOS targets are masked when bos_id is set."""
-    nll = token_nll(logits, targets)  # (B, n)
+    return masked_chunk_loss(token_nll(logits, targets), targets, bos_id)
+
+
+def masked_chunk_loss(
+    nll: torch.Tensor, targets: torch.Tensor, bos_id: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(nll (B, n), per-row mean of nll over the targets that are not BOS (B,))."""
     if bos_id is None:
         return nll, nll.mean(1)
     mask = (targets != bos_id).to(nll.dtype)
     return nll, (nll * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def _head_nll(model: TTTModel, x: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    logits = model.head(x)  # (B, n, V) fp32
+    return logits[:, -1:], token_nll(logits, targets)
+
+
+_HEAD_NLL: dict[str, Any] = {}
+
+
+def head_nll(
+    model: TTTModel, x: torch.Tensor, targets: torch.Tensor, fused: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Output head + per-token NLL of a chunk: (logits, nll (B, n)). ``fused`` (CUDA, first order): one compiled
+    function returning only the last input's logits (B, 1, V); the (B, n, V) fp32 logits and their gradient are
+    never written out (3b: 525 MB each per 1K chunk). Else the eager head and the full logits (B, n, V)."""
+    if not fused:
+        logits = model.head(x)
+        return logits, token_nll(logits, targets)
+    if "fn" not in _HEAD_NLL:
+        raise_recompile_limit()
+        _HEAD_NLL["fn"] = torch.compile(_head_nll, dynamic=False)
+    return _HEAD_NLL["fn"](model, x, targets)
 
 
 # ---- the per-chunk step (one function, so a GPU fast path can replace or compile it) ----------------
@@ -137,8 +171,8 @@ def suffix_chunk_step(
     """
     cfg = model.cfg
     x, chunk_kv = model.run_blocks(h, range(cfg.n_prefix_layers, cfg.n_layers), kv, backend, fast)
-    logits = model.head(x)  # (B, n, V) fp32
-    nll, loss = chunk_loss(logits, targets, cfg.bos_id)
+    logits, nll = head_nll(model, x, targets, fused=HEAD_FUSED and not create_graph and fused_enabled(x))
+    nll, loss = masked_chunk_loss(nll, targets, cfg.bos_id)
     if update:
         names = list(fast)
         grads = torch.autograd.grad(loss.sum(), [fast[n] for n in names], create_graph=create_graph)
@@ -175,6 +209,9 @@ def _keep_last(t: torch.Tensor, n: int | None) -> torch.Tensor:
 def _append_kv(kv: list[KV], new: list[KV], keep: int | None) -> list[KV]:
     out = []
     for (k, v), (nk, nv) in zip(kv, new, strict=True):
+        # only the cached positions that survive are copied (the cat would copy all, then drop some)
+        drop = 0 if keep is None else max(0, min(k.shape[2], k.shape[2] + nk.shape[2] - keep))
+        k, v = k[:, :, drop:], v[:, :, drop:]
         k2 = nk if k.shape[2] == 0 else torch.cat((k.to(nk.dtype), nk), 2)
         v2 = nv if v.shape[2] == 0 else torch.cat((v.to(nv.dtype), nv), 2)
         out.append((_keep_last(k2, keep), _keep_last(v2, keep)))

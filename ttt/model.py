@@ -56,11 +56,31 @@ class unfused:  # noqa: N801 - used like a function: ``with unfused(): ...``
         _FUSED_OFF.reset(self._token)
 
 
+def raise_recompile_limit(n: int = 64) -> None:
+    """Let one compiled function keep up to ``n`` specialisations (grad mode, dtypes, requires_grad, shapes).
+
+    Dynamo's default of 8 is reached within one 3b prefill (no_grad prefix, grad-mode chunks, caches of growing
+    length), after which the function silently runs eagerly (measured on the H100: the norms ran as eager
+    kernels, +14% prefill time)."""
+    import torch._dynamo
+
+    conf = torch._dynamo.config
+    for key in ("recompile_limit", "cache_size_limit"):
+        if hasattr(conf, key):
+            setattr(conf, key, max(getattr(conf, key), n))
+
+
+def fused_enabled(x: torch.Tensor) -> bool:
+    """Whether compiled kernels apply to ``x``: CUDA, not float64, outside ``unfused()``."""
+    return x.is_cuda and x.dtype != torch.float64 and not _FUSED_OFF.get()
+
+
 def _fused(name: str, fn: Callable[..., torch.Tensor], x: torch.Tensor) -> Callable[..., torch.Tensor]:
     """``fn`` compiled (dynamic shapes) for CUDA fp16/bf16/fp32 inputs, else ``fn`` itself."""
-    if not x.is_cuda or x.dtype == torch.float64 or _FUSED_OFF.get():
+    if not fused_enabled(x):
         return fn
     if name not in _COMPILED:
+        raise_recompile_limit()
         _COMPILED[name] = torch.compile(fn, dynamic=True)
     return _COMPILED[name]
 
@@ -142,11 +162,18 @@ class Attention(nn.Module):
         q = self.q_norm(self.wq(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2))  # (B, H, T, D)
         k = self.k_norm(self.wk(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2))  # (B, Hkv, T, D)
         v = self.wv(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        k_all, v_all = (k, v) if cache is None else (_cat_time(cache[0], k), _cat_time(cache[1], v))
-        n_cached = k_all.shape[2] - T
+        n_cached = 0 if cache is None else cache[0].shape[2]
         # positions local to the [cache ; new] buffer: RoPE depends only on offsets (official attention.py:350)
         q = apply_rope(q, n_cached, cfg.rope_theta, cfg.rope_interleaved)
-        k_rot = apply_rope(k_all, 0, cfg.rope_theta, cfg.rope_interleaved)
+        k_rot = apply_rope(k, n_cached, cfg.rope_theta, cfg.rope_interleaved)
+        if (
+            n_cached
+        ):  # cache and new keys rotated apart: the backward of a chunk step skips the (detached) cache
+            assert cache is not None
+            k_cache = apply_rope(cache[0].to(k.dtype), 0, cfg.rope_theta, cfg.rope_interleaved)
+            k_rot, v_all = torch.cat((k_cache, k_rot), 2), _cat_time(cache[1], v)  # (B, Hkv, n_cached + T, D)
+        else:
+            v_all = v
         o = attention(q, k_rot, v_all.to(q.dtype), window=cfg.window, backend=backend)  # (B, H, T, D)
         return self.wo(o.transpose(1, 2).reshape(B, T, -1)), (k, v)
 

@@ -1,0 +1,191 @@
+"""Sliding-window attention kernels on the GPU: the shapes TTT-E2E prefill runs, every exact backend side by side.
+
+Two shapes per preset (window k = 8192 by default):
+- ``chunk``: one suffix chunk, b = 1024 queries over the k - 1 cached keys plus the chunk's own (forward, and
+  forward + backward: prefill differentiates the chunk loss to the fast weights through this attention);
+- ``prefix``: the prefix layers' one pass over T tokens (forward only).
+
+Backends: ``flex`` (FlexAttention, compiled block mask; ``flex:<opts>`` adds kernel_options), ``fa2`` (torch's
+built-in FlashAttention-2 with ``window_size``), and, for the chunk, SDPA with a ``causal_lower_right`` mask
+over the same keys on the cuDNN and flash backends: NOT the band (early queries see up to b - 1 keys too many),
+recorded only as the fused-kernel rate to compare against. Every exact backend is checked against fp32 math
+attention on the chunk shape (outputs and gradients) in the same run.
+
+TFLOP/s count the band's visible (query, key) pairs: 4 * D * H * pairs forward, 2.5x that forward + backward.
+
+    python -m eval.bench_attention --presets 3b 1b --out eval/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from eval.bench_latency import cuda_time, error_text, summary
+from eval.common import run_metadata, write_results
+from ttt.attention import _fa2_attention, _flex_attention, _math_attention, band_mask
+
+log = logging.getLogger("bench_attention")
+
+SHAPES = {"3b": (32, 80), "1b": (32, 64), "125m": (12, 64)}  # preset -> (heads, head dim)
+
+
+def visible_pairs(tq: int, tk: int, window: int) -> int:
+    """(query, key) pairs inside the band, lower-right aligned (exact count, no mask materialised)."""
+    pos = torch.arange(tk - tq, tk, dtype=torch.int64)  # query positions
+    return int((torch.clamp(pos + 1, max=window)).sum())
+
+
+def _flex_with(opts: dict[str, int] | None) -> Callable[..., torch.Tensor]:
+    if not opts:
+        return lambda q, k, v, w: _flex_attention(q, k, v, w, 0)
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from ttt.attention import _block_mask
+
+    fn = torch.compile(flex_attention, dynamic=False)
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: int) -> torch.Tensor:
+        bm = _block_mask(q.shape[2], k.shape[2], w, 0, q.device)
+        return fn(q, k, v, block_mask=bm, kernel_options=opts)
+
+    return run
+
+
+def _lower_right(backend: torch.nn.attention.SDPBackend) -> Callable[..., torch.Tensor]:
+    from torch.nn.attention import sdpa_kernel
+    from torch.nn.attention.bias import causal_lower_right
+
+    def run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: int) -> torch.Tensor:
+        with sdpa_kernel([backend]):
+            return F.scaled_dot_product_attention(
+                q, k, v, attn_mask=causal_lower_right(q.shape[2], k.shape[2])
+            )
+
+    return run
+
+
+FLEX_OPTS = {
+    "flex": None,
+    "flex:m64n64": {"BLOCK_M": 64, "BLOCK_N": 64},
+}
+
+
+def kernels(exact_only: bool) -> dict[str, Callable[..., torch.Tensor]]:
+    from torch.nn.attention import SDPBackend
+
+    out: dict[str, Callable[..., torch.Tensor]] = {"fa2": _fa2_attention}
+    out.update({name: _flex_with(o) for name, o in FLEX_OPTS.items()})
+    if not exact_only:
+        out["sdpa-cudnn-lower-right (not the band)"] = _lower_right(SDPBackend.CUDNN_ATTENTION)
+        out["sdpa-flash-lower-right (not the band)"] = _lower_right(SDPBackend.FLASH_ATTENTION)
+    return out
+
+
+def check_exact(
+    fn: Callable[..., torch.Tensor], H: int, D: int, tq: int, tk: int, w: int
+) -> dict[str, float]:
+    """Relative error of outputs and q/k/v gradients (bf16 kernel vs fp32 math on the same bf16 inputs)."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, k, v = (
+        torch.randn(1, H, t, D, device="cuda", generator=g, dtype=torch.bfloat16) for t in (tq, tk, tk)
+    )
+    do = torch.randn(1, H, tq, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    res = {}
+    for name, f, dt in (("ref", _math_attention, torch.float32), ("fast", fn, torch.bfloat16)):
+        xs = [t.to(dt).requires_grad_(True) for t in (q, k, v)]
+        o = f(*xs, w)
+        o.float().mul(do.float()).sum().backward()
+        res[name] = [o.detach().float()] + [x.grad.float() for x in xs]  # type: ignore[union-attr]
+    errs = [float((a - b).norm() / b.norm()) for a, b in zip(res["fast"], res["ref"], strict=True)]
+    return dict(zip(("out", "dq", "dk", "dv"), errs, strict=True))
+
+
+def time_kernel(
+    fn: Callable[..., torch.Tensor], H: int, D: int, tq: int, tk: int, w: int, backward: bool, args: Any
+) -> dict[str, Any]:
+    bufs = [
+        [
+            torch.randn(1, H, t, D, device="cuda", dtype=torch.bfloat16, requires_grad=backward)
+            for t in (tq, tk, tk)
+        ]
+        for _ in range(args.rotate)
+    ]  # inputs rotated beyond the L2 cache
+    do = torch.randn(1, H, tq, D, device="cuda", dtype=torch.bfloat16)
+
+    def call(i: int) -> None:
+        q, k, v = bufs[i % len(bufs)]
+        if backward:
+            torch.autograd.grad(fn(q, k, v, w), (q, k, v), do)
+        else:
+            with torch.no_grad():
+                fn(q, k, v, w)
+
+    rec = summary(cuda_time(call, warmup=args.warmup, iters=args.iters))
+    flops = 4 * D * H * visible_pairs(tq, tk, w) * (2.5 if backward else 1.0)
+    rec["tflops_band"] = flops / (rec["median_ms"] * 1e-3) / 1e12
+    return rec
+
+
+def bench_preset(preset: str, args: Any) -> dict[str, Any]:
+    H, D = SHAPES[preset]
+    w, b = args.window, args.chunk
+    out: dict[str, Any] = {"heads": H, "head_dim": D, "window": w, "chunk": b, "checks": {}, "chunk_fwd": {},
+                           "chunk_fwd_bwd": {}, "prefix_fwd": {}}  # fmt: skip
+    tk = w - 1 + b
+    for name, fn in kernels(exact_only=False).items():
+        exact = "not the band" not in name
+        for key, bwd in (("chunk_fwd", False), ("chunk_fwd_bwd", True)):
+            try:
+                out[key][name] = time_kernel(fn, H, D, b, tk, w, bwd, args)
+            except Exception as e:  # noqa: BLE001 - a kernel that does not run is recorded, the run goes on
+                out[key][name] = {"error": error_text(e)}
+            log.info("%s %s %s %s", preset, key, name, out[key][name])
+        if exact:
+            try:
+                out["checks"][name] = check_exact(fn, H, D, b, tk, w)
+            except Exception as e:  # noqa: BLE001
+                out["checks"][name] = {"error": error_text(e)}
+            log.info("%s check %s %s", preset, name, out["checks"][name])
+        torch.cuda.empty_cache()
+    for name in ("fa2", "flex"):
+        fn = {"fa2": _fa2_attention, "flex": _flex_with(None)}[name]
+        try:
+            out["prefix_fwd"][name] = time_kernel(fn, H, D, args.prefix, args.prefix, w, False, args)
+        except Exception as e:  # noqa: BLE001
+            out["prefix_fwd"][name] = {"error": error_text(e)}
+        log.info("%s prefix %s %s", preset, name, out["prefix_fwd"][name])
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", nargs="+", default=["3b"], choices=sorted(SHAPES))
+    p.add_argument("--window", type=int, default=8192)
+    p.add_argument("--chunk", type=int, default=1024)
+    p.add_argument("--prefix", type=int, default=131072, help="tokens of the prefix-pass shape")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--rotate", type=int, default=3)
+    p.add_argument("--out", default=None)
+    p.add_argument("--name", default="attention-kernels")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    assert torch.cuda.is_available(), "bench_attention needs a CUDA GPU"
+    for tq, tk, w in ((2, 3, 2), (5, 9, 3), (4, 4, 8)):  # the FLOP count's pair formula == the mask's count
+        assert visible_pairs(tq, tk, w) == int(band_mask(tq, tk, w).sum()), (tq, tk, w)
+    res = run_metadata(vars(args), seed=0)
+    res["presets"] = {}
+    for preset in args.presets:
+        res["presets"][preset] = bench_preset(preset, args)
+        write_results(args.name, res, args.out)
+    return res
+
+
+if __name__ == "__main__":
+    main()
