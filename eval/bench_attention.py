@@ -76,14 +76,13 @@ FLEX_OPTS = {
 }
 
 
-def kernels(exact_only: bool) -> dict[str, Callable[..., torch.Tensor]]:
+def kernels() -> dict[str, Callable[..., torch.Tensor]]:
     from torch.nn.attention import SDPBackend
 
     out: dict[str, Callable[..., torch.Tensor]] = {"fa2": _fa2_attention}
     out.update({name: _flex_with(o) for name, o in FLEX_OPTS.items()})
-    if not exact_only:
-        out["sdpa-cudnn-lower-right (not the band)"] = _lower_right(SDPBackend.CUDNN_ATTENTION)
-        out["sdpa-flash-lower-right (not the band)"] = _lower_right(SDPBackend.FLASH_ATTENTION)
+    out["sdpa-cudnn-lower-right (not the band)"] = _lower_right(SDPBackend.CUDNN_ATTENTION)
+    out["sdpa-flash-lower-right (not the band)"] = _lower_right(SDPBackend.FLASH_ATTENTION)
     return out
 
 
@@ -138,7 +137,7 @@ def bench_preset(preset: str, args: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"heads": H, "head_dim": D, "window": w, "chunk": b, "checks": {}, "chunk_fwd": {},
                            "chunk_fwd_bwd": {}, "prefix_fwd": {}}  # fmt: skip
     tk = w - 1 + b
-    for name, fn in kernels(exact_only=False).items():
+    for name, fn in kernels().items():
         exact = "not the band" not in name
         for key, bwd in (("chunk_fwd", False), ("chunk_fwd_bwd", True)):
             try:
@@ -153,8 +152,7 @@ def bench_preset(preset: str, args: Any) -> dict[str, Any]:
                 out["checks"][name] = {"error": error_text(e)}
             log.info("%s check %s %s", preset, name, out["checks"][name])
         torch.cuda.empty_cache()
-    for name in ("fa2", "flex"):
-        fn = {"fa2": _fa2_attention, "flex": _flex_with(None)}[name]
+    for name, fn in (("fa2", _fa2_attention), ("flex", _flex_with(None))):
         try:
             out["prefix_fwd"][name] = time_kernel(fn, H, D, args.prefix, args.prefix, w, False, args)
         except Exception as e:  # noqa: BLE001

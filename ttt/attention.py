@@ -138,7 +138,6 @@ def _fa2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
 
 
 # ---- FlexAttention ---------------------------------------------------------------------------------
-_FLEX: dict[str, object] = {}
 _MASK_MODS: dict[tuple, tuple] = {}  # (Tq, Tk, window, device) -> (mask_mod, its key_pad buffer)
 _PAD_IN_BUFFER: dict[int, int] = {}  # id(key_pad buffer) -> the value it holds (skips redundant fills)
 _BLOCK_MASKS: dict[tuple, object] = {}  # ... + key_pad -> BlockMask
@@ -147,15 +146,12 @@ _BLOCK_MASK_CACHE = 64
 
 def _flex_kernel():
     """flex_attention compiled once (dynamic=False: one kernel per shape; chunk shapes are constant)."""
-    if "fn" not in _FLEX:
-        from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
 
-        from ttt.model import raise_recompile_limit
+    from ttt.model import compiled
 
-        # one compile per distinct (Tq, Tk): the prefix lengths of a benchmark sweep plus the chunk shape
-        raise_recompile_limit()
-        _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
-    return _FLEX["fn"]
+    # one compile per distinct (Tq, Tk): the prefix lengths of a benchmark sweep plus the chunk shape
+    return compiled("flex_attention", flex_attention, dynamic=False)
 
 
 def _mask_mod(tq: int, tk: int, window: int | None, device: torch.device) -> tuple:

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from ttt.model import KV, TTTModel, check_tokens, fused_enabled, raise_recompile_limit, unfused
+from ttt.model import KV, TTTModel, check_tokens, compiled, fused_enabled, unfused
 from ttt.state import TTTState
 
 HEAD_SLICE = 8192  # positions per output-head call when a plain (no-TTT) model scores a long input
@@ -130,9 +130,6 @@ def _head_nll(model: TTTModel, x: torch.Tensor, targets: torch.Tensor) -> tuple[
     return logits[:, -1:], token_nll(logits, targets)
 
 
-_HEAD_NLL: dict[str, Any] = {}
-
-
 def head_nll(
     model: TTTModel, x: torch.Tensor, targets: torch.Tensor, fused: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,10 +139,8 @@ def head_nll(
     if not fused:
         logits = model.head(x)
         return logits, token_nll(logits, targets)
-    if "fn" not in _HEAD_NLL:
-        raise_recompile_limit()
-        _HEAD_NLL["fn"] = torch.compile(_head_nll, dynamic=False)
-    return _HEAD_NLL["fn"](model, x, targets)
+    # one kernel per chunk shape (constant within a prefill)
+    return compiled("head_nll", _head_nll, dynamic=False)(model, x, targets)
 
 
 # ---- the per-chunk step (one function, so a GPU fast path can replace or compile it) ----------------

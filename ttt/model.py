@@ -75,14 +75,17 @@ def fused_enabled(x: torch.Tensor) -> bool:
     return x.is_cuda and x.dtype != torch.float64 and not _FUSED_OFF.get()
 
 
-def _fused(name: str, fn: Callable[..., torch.Tensor], x: torch.Tensor) -> Callable[..., torch.Tensor]:
-    """``fn`` compiled (dynamic shapes) for CUDA fp16/bf16/fp32 inputs, else ``fn`` itself."""
-    if not fused_enabled(x):
-        return fn
+def compiled(name: str, fn: Callable[..., Any], dynamic: bool = True) -> Callable[..., Any]:
+    """``fn`` compiled once under ``name`` (dynamic shapes unless ``dynamic=False``: one kernel per shape)."""
     if name not in _COMPILED:
         raise_recompile_limit()
-        _COMPILED[name] = torch.compile(fn, dynamic=True)
+        _COMPILED[name] = torch.compile(fn, dynamic=dynamic)
     return _COMPILED[name]
+
+
+def _fused(name: str, fn: Callable[..., torch.Tensor], x: torch.Tensor) -> Callable[..., torch.Tensor]:
+    """``fn`` compiled (dynamic shapes) for CUDA fp16/bf16/fp32 inputs, else ``fn`` itself."""
+    return compiled(name, fn) if fused_enabled(x) else fn
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -166,9 +169,8 @@ class Attention(nn.Module):
         # positions local to the [cache ; new] buffer: RoPE depends only on offsets (official attention.py:350)
         q = apply_rope(q, n_cached, cfg.rope_theta, cfg.rope_interleaved)
         k_rot = apply_rope(k, n_cached, cfg.rope_theta, cfg.rope_interleaved)
-        if (
-            n_cached
-        ):  # cache and new keys rotated apart: the backward of a chunk step skips the (detached) cache
+        # cache and new keys rotated apart: the backward of a chunk step skips the (detached) cache
+        if n_cached:
             assert cache is not None
             k_cache = apply_rope(cache[0].to(k.dtype), 0, cfg.rope_theta, cfg.rope_interleaved)
             k_rot, v_all = torch.cat((k_cache, k_rot), 2), _cat_time(cache[1], v)  # (B, Hkv, n_cached + T, D)
