@@ -145,3 +145,37 @@ def test_sdpa_query_blocking_matches_brute_force(monkeypatch) -> None:
         k, v = (torch.randn(1, 1, tk, 4, generator=g, dtype=torch.float64) for _ in range(2))
         out = attention(q, k, v, window=window, backend="sdpa")
         torch.testing.assert_close(out, _brute(q, k, v, window), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_attention_in_window_equals_cat_and_its_gradients(backend: str) -> None:
+    """The in-place window (graphed chunk step) == attention over cat(cache, new), outputs and the gradients of
+    q and the new k/v, in float64; the new keys/values land in the window's tail and the cache is untouched."""
+    from ttt.attention import attention_in_window
+
+    torch.manual_seed(0)
+    n, b, window = 11, 4, 12
+    q, k, v = (torch.randn(2, 4, b, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    q_ref, k_ref, v_ref = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    cache_k, cache_v = (torch.randn(2, 2, n, 8, dtype=torch.float64) for _ in range(2))
+    k2, v2 = k[:, :2], v[:, :2]  # 2 kv heads for 4 query heads (GQA)
+    k_win, v_win = (
+        torch.zeros(2, 2, n + b, 8, dtype=torch.float64),
+        torch.zeros(2, 2, n + b, 8, dtype=torch.float64),
+    )
+    k_win[:, :, :n], v_win[:, :, :n] = cache_k, cache_v
+    out = attention_in_window(q, k2, v2, k_win, v_win, window=window, backend=backend)
+    ref = attention(q_ref, torch.cat((cache_k, k_ref[:, :2]), 2), torch.cat((cache_v, v_ref[:, :2]), 2),
+                    window=window, backend="math")  # fmt: skip
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    g = torch.randn_like(out)
+    (out * g).sum().backward()
+    (ref * g).sum().backward()
+    for a, r in ((q, q_ref), (k, k_ref), (v, v_ref)):
+        torch.testing.assert_close(a.grad, r.grad, rtol=0, atol=1e-12)
+    assert k.grad[:, 2:].abs().max() == 0  # unused heads get no gradient
+    torch.testing.assert_close(k_win[:, :, n:], k2.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(k_win[:, :, :n], cache_k, rtol=0, atol=0)
+    with torch.no_grad():  # no inner graph when nothing needs gradients: same output
+        out2 = attention_in_window(q, k2, v2, k_win, v_win, window=window, backend=backend)
+    torch.testing.assert_close(out2, ref.detach(), rtol=0, atol=1e-12)

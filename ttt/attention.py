@@ -289,6 +289,58 @@ def attention(
     raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")
 
 
+class _WindowAttention(torch.autograd.Function):
+    """Attention of b new queries over a key window whose last b slots receive the new keys in place.
+
+    The window is a view of a preallocated buffer holding the committed (already rotated) keys, so no
+    ``cat((cache, new))`` copy of the whole window is made per chunk step. The kernel runs on detached aliases
+    of q and the window inside its own little autograd graph; backward differentiates that graph and keeps the
+    gradients of the new keys/values (the committed ones are constants, as in the official inner step).
+    First order only (``meta_loss`` never comes here).
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, win, window, backend):  # noqa: ANN001, ANN205 - autograd.Function signature
+        k_win, v_win = win
+        n = k.shape[2]
+        k_win[:, :, -n:].copy_(k)  # (B, Hkv, n, D) into the free slots
+        v_win[:, :, -n:].copy_(v)
+        if not any(ctx.needs_input_grad[:3]):  # nothing to differentiate: no inner graph
+            return attention(q, k_win, v_win, window=window, backend=backend)
+        with torch.enable_grad():
+            leaves = tuple(t.detach().requires_grad_(True) for t in (q, k_win, v_win))
+            out = attention(*leaves, window=window, backend=backend)  # (B, H, n, D)
+        ctx.leaves, ctx.out, ctx.n = leaves, out, n
+        return out.detach()
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        dq, dk, dv = torch.autograd.grad(ctx.out, ctx.leaves, grad_out)
+        n = ctx.n
+        del ctx.leaves, ctx.out
+        return dq, dk[:, :, -n:], dv[:, :, -n:], None, None, None
+
+
+def attention_in_window(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_win: torch.Tensor,
+    v_win: torch.Tensor,
+    *,
+    window: int | None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``attention(q, cat(cache_k, k), cat(cache_v, v))`` without the cat: ``k_win``/``v_win`` (B, Hkv, Tk, D) hold
+    the cache in their first ``Tk - Tq`` positions and receive k, v (B, Hkv, Tq, D) in their last ``Tq`` (written in
+    place). Gradients flow to q, k and v; the window buffers are not differentiated."""
+    assert k_win.shape[2] >= k.shape[2] and k_win.shape[:2] == k.shape[:2], (
+        f"window {tuple(k_win.shape)} cannot take keys {tuple(k.shape)}"
+    )
+    assert not k_win.requires_grad and not v_win.requires_grad, "window buffers must not require grad"
+    return _WindowAttention.apply(q, k.to(k_win.dtype), v.to(v_win.dtype), (k_win, v_win), window, backend)
+
+
 def available_backends(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> list[str]:
     """Backends that can run on this device/dtype (used by the backend-equivalence test)."""
     out = ["math", "sdpa"]

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from ttt.model import KV, TTTModel, check_tokens, compiled, fused_enabled, unfused
+from ttt.model import KV, CacheWindow, TTTModel, check_tokens, compiled, fused_enabled, unfused
 from ttt.state import TTTState
 
 HEAD_SLICE = 8192  # positions per output-head call when a plain (no-TTT) model scores a long input
@@ -53,7 +53,13 @@ def clip_scale(grads: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     if any(g.requires_grad for g in grads):  # meta_loss differentiates through the clip: the smooth form
         sq = sum(_up(g).pow(2).flatten(1).sum(1) for g in grads)  # (B,) in fp32 (fp64 for fp64 tests)
     else:  # prefill: one fused reduction per tensor instead of a squared copy, then a sum (1.4 GB at 3b)
-        sq = sum(torch.linalg.vector_norm(_up(g).flatten(1), dim=1).square() for g in grads)
+        # fp32 accumulation of bf16 gradients without an fp32 copy of them
+        sq = sum(
+            torch.linalg.vector_norm(
+                g.flatten(1), dim=1, dtype=torch.promote_types(g.dtype, torch.float32)
+            ).square()
+            for g in grads
+        )
     limit = torch.full_like(sq, max_norm**2)
     # where() *before* the sqrt keeps the gradient finite when ||g|| = 0 (the unselected branch is constant)
     return max_norm / torch.sqrt(torch.where(sq > limit, sq, limit))  # (B,), == 1 when not clipped
@@ -80,11 +86,14 @@ def sgd_step(
     lr: float,
     clip: float,
     into: dict[str, torch.Tensor] | None = None,
+    shadow: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """W <- W - lr * clip(g): one fused multiply-add per tensor (``addcmul`` with the per-row factor).
 
     Functional (new tensors) unless ``into`` names buffers to write W_i into in place (the CUDA-graph step:
     ``into`` may be the very buffers ``fast`` aliases; the gradients are taken, so overwriting them is safe).
+    ``shadow`` (with ``into``): low-precision copies of W_i written by the same kernel (what the graphed step
+    differentiates: its gradients then come out in bf16, as the fp32 weights' would after their cast).
     """
     coef = clip_scale(grads, clip) * -lr  # (B,)
     if into is None:
@@ -94,8 +103,21 @@ def sgd_step(
         }
     with torch.no_grad():
         for (name, w), g in zip(fast.items(), grads, strict=True):
-            torch.addcmul(w, g.to(w.dtype), _rows(coef, w), out=into[name])
+            if shadow is None:
+                torch.addcmul(w, g.to(w.dtype), _rows(coef, w), out=into[name])
+                continue
+            fn = compiled("sgd_shadow", _sgd_shadow, dynamic=False) if fused_enabled(w) else _sgd_shadow
+            fn(w, g, _rows(coef, w), into[name], shadow[name])
     return into
+
+
+def _sgd_shadow(
+    w: torch.Tensor, g: torch.Tensor, coef: torch.Tensor, out: torch.Tensor, lp: torch.Tensor
+) -> None:
+    """out = w + coef * g (in w's dtype) and lp = the same in lp's dtype: one pass over the weights on CUDA."""
+    new = torch.addcmul(w, g.to(w.dtype), coef)
+    out.copy_(new)
+    lp.copy_(new)
 
 
 def token_nll(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -147,7 +169,7 @@ def head_nll(
 def suffix_chunk_step(
     model: TTTModel,
     fast: dict[str, torch.Tensor],
-    kv: list[KV],
+    kv: list[KV] | list[CacheWindow],
     h: torch.Tensor,
     targets: torch.Tensor,
     *,
@@ -160,7 +182,8 @@ def suffix_chunk_step(
     """Score one chunk with the current fast weights, then (update=True) take one clipped SGD step.
 
     fast: name -> (B, ...) fast weights (must be in the autograd graph when update=True);
-    kv: committed pre-RoPE caches of the TTT blocks (positions before this chunk);
+    kv: committed pre-RoPE caches of the TTT blocks (positions before this chunk), or ``CacheWindow``s holding
+        them in place (the graphed step, ``ttt/graphs.py``);
     h: (B, n, d) suffix input of the chunk; targets: (B, n) the next token of every input;
     into: buffers to write W_i into in place (first order only; see ``sgd_step``).
     """
@@ -369,13 +392,8 @@ class _SuffixRun:
         g = self.graph
         if g is None:
             return
-        self.fast = {
-            k: w.clone() if w.data_ptr() == g.fast[k].data_ptr() else w for k, w in self.fast.items()
-        }
-        self.kv = [
-            (k.clone(), v.clone()) if k.data_ptr() == gk.data_ptr() else (k, v)
-            for (k, v), (gk, _) in zip(self.kv, g.kv, strict=True)
-        ]
+        self.fast = {k: w.clone() if g.owns(w) else w for k, w in self.fast.items()}
+        self.kv = [(k.clone(), v.clone()) if g.owns(k) or g.owns(v) else (k, v) for k, v in self.kv]
         self.graph = None
 
 

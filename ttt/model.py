@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +23,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ttt.attention import attention
+from ttt.attention import attention, attention_in_window
 from ttt.config import ModelConfig
 from ttt.state import TTTState
 
@@ -144,6 +145,19 @@ def _cat_time(cache: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     return new if cache.shape[2] == 0 else torch.cat((cache.to(new.dtype), new), dim=2)
 
 
+@dataclass(kw_only=True)
+class CacheWindow:
+    """A TTT block's cache for one chunk step held in place (the graphed prefill, ``ttt/graphs.py``): ``k`` and ``v``
+    (B, Hkv, n + b, D) are views of preallocated buffers whose first n positions hold the committed keys,
+    already RoPE-rotated, and values; the step writes its b new ones into the last b. ``cos``/``sin`` (b, D/2)
+    rotate the chunk's queries and keys at positions continuing those of the cached keys."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+
+
 class Attention(nn.Module):
     """Multi-head (optionally grouped-query) attention with QK-norm before RoPE and a KV cache input."""
 
@@ -158,13 +172,21 @@ class Attention(nn.Module):
         self.q_norm = _norm(cfg, D, cfg.qk_norm)
         self.k_norm = _norm(cfg, D, cfg.qk_norm)
 
-    def forward(self, x: torch.Tensor, cache: KV | None, backend: str) -> tuple[torch.Tensor, KV]:
-        """x (B, T, d), cache = pre-RoPE (k, v) of earlier tokens -> (out (B, T, d), this call's (k, v))."""
+    def forward(
+        self, x: torch.Tensor, cache: KV | CacheWindow | None, backend: str
+    ) -> tuple[torch.Tensor, KV]:
+        """x (B, T, d), cache = pre-RoPE (k, v) of earlier tokens or a ``CacheWindow`` -> (out (B, T, d), this
+        call's pre-RoPE (k, v))."""
         cfg = self.cfg
         B, T, _ = x.shape
         q = self.q_norm(self.wq(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2))  # (B, H, T, D)
         k = self.k_norm(self.wk(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2))  # (B, Hkv, T, D)
         v = self.wv(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if isinstance(cache, CacheWindow):  # cached keys rotated once, when written: only the new ones here
+            q = rope_rotate(q, cache.cos, cache.sin, cfg.rope_interleaved)
+            k_rot = rope_rotate(k, cache.cos, cache.sin, cfg.rope_interleaved)
+            o = attention_in_window(q, k_rot, v, cache.k, cache.v, window=cfg.window, backend=backend)
+            return self.wo(o.transpose(1, 2).reshape(B, T, -1)), (k, v)
         n_cached = 0 if cache is None else cache[0].shape[2]
         # positions local to the [cache ; new] buffer: RoPE depends only on offsets (official attention.py:350)
         q = apply_rope(q, n_cached, cfg.rope_theta, cfg.rope_interleaved)
@@ -222,7 +244,11 @@ class Block(nn.Module):
         self.mlp = SwiGLU(d, cfg.mlp_hidden)
 
     def forward(
-        self, x: torch.Tensor, cache: KV | None, backend: str, fast: dict[str, torch.Tensor] | None = None
+        self,
+        x: torch.Tensor,
+        cache: KV | CacheWindow | None,
+        backend: str,
+        fast: dict[str, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, KV]:
         """fast = per-row prime weights {w1, w2, w3} (B, ...); None = the module's own W0 (shared)."""
         a, kv = self.attn(self.attn_norm(x), cache, backend)
@@ -289,7 +315,7 @@ class TTTModel(nn.Module):
         self,
         h: torch.Tensor,
         layers: range,
-        kv: list[KV] | None,
+        kv: list[KV] | list[CacheWindow] | None,
         backend: str,
         fast: dict[str, torch.Tensor] | None = None,
         keep: int | None = None,
