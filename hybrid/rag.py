@@ -405,7 +405,11 @@ class HybridRAG:
         if self._token_texts is None:
             self._token_texts = token_texts(self.tokenizer, self.model.cfg.vocab_size)
         stop = [] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id]
-        source = self.tokenizer.decode(p.ids[p.body[0] : p.body[1]])
+        n_top = self.config.reader.extractive_sources
+        if n_top is None:
+            source = self.tokenizer.decode(p.ids[p.body[0] : p.body[1]])
+        else:  # the top-ranked sources only (ranked order = marker order)
+            source = "\n".join(s.text for s in p.sources[:n_top])
         return ValueCopy(source, self._token_texts, stop_ids=stop)
 
     def _decide(self, question: str, route: str) -> Any:

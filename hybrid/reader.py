@@ -60,6 +60,8 @@ class ReaderConfig:
     # (hybrid/extractive.py: copy-constrained decoding). Off by default: no accuracy gain measured on NIAH
     # (the reader's wrong values there are mostly numbers that stand in the sources), 26% slower on CPU
     extractive: bool = False
+    # with ``extractive``: copy values only from the n top-ranked sources (None = all numbered sources)
+    extractive_sources: int | None = None
     # a > 0: context-aware decoding of lookup answers (ttt.generate.generate_iter contrast_alpha): choices from
     # (1 + a) * logits - a * the logits without the sources (no net effect measured on NIAH: off by default)
     context_contrast: float = 0.0
@@ -69,6 +71,9 @@ class ReaderConfig:
         assert self.min_chunk_tokens >= 1, f"min_chunk_tokens must be >= 1, got {self.min_chunk_tokens}"
         assert 0.0 <= self.min_overlap_frac <= 1.0, f"min_overlap_frac not in [0,1]: {self.min_overlap_frac}"
         assert self.context_contrast >= 0.0, f"context_contrast must be >= 0, got {self.context_contrast}"
+        assert self.extractive_sources is None or self.extractive_sources >= 1, (
+            f"extractive_sources must be None or >= 1, got {self.extractive_sources}"
+        )
 
 
 @dataclass(frozen=True)

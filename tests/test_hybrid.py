@@ -82,10 +82,11 @@ def test_lookup_cites_the_planted_fact(tmp_path, model, tok):
     assert ans.memory_version is None and ans.usage["prompt_tokens"] <= model.cfg.window - 6
 
 
-@pytest.mark.parametrize("mode", ["free", "extractive", "contrast"])
+@pytest.mark.parametrize("mode", ["free", "extractive", "extractive-top1", "contrast"])
 def test_reader_decodes_with_base_weights(tmp_path, model, tok, mode):
     """The lookup answer equals greedy decoding with the plain forward (W0, no TTT) over the same prompt;
-    extractive: digit words only as verbatim copies from the prompt's sources (brute force here); contrast:
+    extractive: digit words only as verbatim copies from the prompt's sources (brute force here; -top1: from
+    the top-ranked source only); contrast:
     argmax of 1.5 * logits - 0.5 * logits of the prompt without its sources (both recomputed from scratch)."""
     from copy_reference import allowed
 
@@ -93,9 +94,10 @@ def test_reader_decodes_with_base_weights(tmp_path, model, tok, mode):
     from hybrid.reader import ReaderConfig, build_prompt, token_budget
 
     rag = make_rag(tmp_path, model, tok)
-    extractive = mode == "extractive"
+    extractive = mode.startswith("extractive")
+    top = 1 if mode == "extractive-top1" else None
     rag.config.reader = ReaderConfig(
-        extractive=extractive, context_contrast=0.5 if mode == "contrast" else 0.0
+        extractive=extractive, extractive_sources=top, context_contrast=0.5 if mode == "contrast" else 0.0
     )
     rag.ingest(DOCS)
     q = "Who waters the pears?"
@@ -105,7 +107,7 @@ def test_reader_decodes_with_base_weights(tmp_path, model, tok, mode):
     body = prompt.ids[prompt.body[0] : prompt.body[1]]
     assert tok.decode(body).startswith("[1] ") and q not in tok.decode(body)
     texts = token_texts(tok, model.cfg.vocab_size)
-    source = tok.decode(body)
+    source = tok.decode(body) if top is None else prompt.sources[0].text
     bare = build_prompt(q, [], tok, budget=token_budget(model.cfg.window, 6, rag.config.reader)).ids
     ids = torch.tensor([prompt.ids])
     out: list[int] = []
@@ -273,3 +275,26 @@ def test_corrupt_memory_is_reported_and_previous_version_loads(tmp_path, model, 
     assert ans.memory_rebuilt, "a rolled-back memory lacks later documents: it must be rebuilt"
     _, meta = fresh.memory.load()
     assert meta.doc_ids == [d for d, _ in DOCS]
+
+
+@pytest.mark.parametrize("n_top", [None, 1, 2])
+def test_copy_rule_reads_the_top_ranked_sources(tmp_path, model, tok, n_top):
+    """``extractive_sources=n``: the values a lookup answer may copy are the digit words of the n top-ranked
+    sources of its prompt (marker order = rank order); None: of every numbered source."""
+    from hybrid.reader import ReaderConfig, build_prompt, token_budget
+
+    rag = make_rag(tmp_path, model, tok)
+    rag.config.reader = ReaderConfig(extractive=True, extractive_sources=n_top)
+    rag.ingest(DOCS)
+    q = 'What is the exact code "7731" used for?'
+    hits = rag.index.search(q, k=3, mode="bm25")
+    prompt = build_prompt(q, hits, tok, budget=token_budget(model.cfg.window, 6, rag.config.reader))
+    rule = rag._constraint({"route": "lookup", "prompt": prompt})
+    if n_top is None:  # the numbered body, markers included (a citation "[1]" is copyable)
+        text = tok.decode(prompt.ids[prompt.body[0] : prompt.body[1]])
+    else:
+        text = " ".join(s.text for s in prompt.sources[:n_top])
+    expect = {w.strip(",.;:!?()[]{}\"'") for w in text.split()}
+    assert rule.complete == {w for w in expect if any(ch.isdigit() for ch in w)}
+    assert len(prompt.sources) >= 2
+    assert rag._constraint({"route": "comprehension", "prompt": prompt}) is None

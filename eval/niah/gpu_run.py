@@ -15,7 +15,7 @@ about 8 minutes per run, resumable across calls, merged into one report on any m
         --resume-from call1/niah.tar.gz call2/niah.tar.gz --model models/ttt-e2e-ref --full-model models/fa-ref
     PYTHONPATH=. python3 -m eval.niah.report eval/results/niah-gpu
 
-Defaults: the 8 RULER tasks + ``lowlex-niah`` and ``lowlex-mk-niah``; all 11 systems (``hybrid-copy``, ``hybrid-cad``: ablations); lengths 512..8192 (1x-16x the 512 window);
+Defaults: the 8 RULER tasks + ``lowlex-niah`` and ``lowlex-mk-niah``; all 12 systems (``hybrid-copy``, ``hybrid-copy1``, ``hybrid-cad``: ablations); lengths 512..8192 (1x-16x the 512 window);
 depths 0,25,50,75,100; up to 5 samples per (task, length, depth) cell, visited in coverage order (index,
 depth, length, task: ``RunConfig.interleave``) so the ``--budget-s`` stop (420 s) leaves an even prefix of
 the grid, the same prefix in every call; ``--max-new-tokens 40`` for every system (a UUID answer is 33
@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--wordlists", default=None, help=f"dir with adjectivelist.txt/nounlist.txt ({WORDLISTS_ENV})"
     )
     ap.add_argument("--tasks", type=_csv(str), default=TASKS, help="comma list (default: 8 RULER + 2 lowlex)")
-    ap.add_argument("--systems", type=_csv(str), default=list(SYSTEMS), help="comma list (default: all 11)")
+    ap.add_argument("--systems", type=_csv(str), default=list(SYSTEMS), help="comma list (default: all 12)")
     ap.add_argument("--lengths", type=_csv(int), default=LENGTHS, help="prompt lengths in model tokens")
     ap.add_argument("--depths", type=_csv(float), default=DEPTHS, help="needle depths in percent")
     ap.add_argument("--samples", type=int, default=5, help="samples per (task, length, depth) cell")

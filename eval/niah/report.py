@@ -200,6 +200,7 @@ def write_report(
 SYSTEM_ORDER = (
     "hybrid",
     "hybrid-copy",
+    "hybrid-copy1",
     "hybrid-cad",
     "fused",
     "retrieval",
@@ -213,7 +214,7 @@ SYSTEM_ORDER = (
 SYSTEM_NOTE = {
     "bm25": "bm25 (recall@k)", "dense": "dense (recall@k)", "regex": "regex (value pattern)",
     "full": "full (FA control)", "hybrid": "hybrid (auto route)", "hybrid-copy": "hybrid, copy-constrained lookups (ablation)",
-    "hybrid-cad": "hybrid, context-aware decoding (ablation)",
+    "hybrid-copy1": "hybrid, lookups copy from the top source only (ablation)", "hybrid-cad": "hybrid, context-aware decoding (ablation)",
 }  # fmt: skip
 
 

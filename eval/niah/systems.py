@@ -10,6 +10,8 @@
 * ``hybrid`` / ``fused`` ``HybridRAG`` (the loaded model, a fresh store) with ``route="auto"`` / ``"fused"``.
 * ``hybrid-copy`` ablation: ``hybrid`` with copy-constrained lookup answers (``ReaderConfig(extractive=True)``,
             ``hybrid/extractive.py``).
+* ``hybrid-copy1`` ablation: ``hybrid-copy`` copying values from the top-ranked source only
+            (``ReaderConfig(extractive=True, extractive_sources=1)``).
 * ``hybrid-cad`` ablation: ``hybrid`` with context-aware decoding of lookup answers
             (``ReaderConfig(context_contrast=0.5)``).
 
@@ -45,9 +47,11 @@ SYSTEMS = (
     "hybrid",
     "fused",
     "hybrid-copy",
+    "hybrid-copy1",
     "hybrid-cad",
 )
-GENERATIVE = ("ttt", "swa", "full", "retrieval", "hybrid", "fused", "hybrid-copy", "hybrid-cad")
+RAG_SYSTEMS = ("hybrid", "fused", "hybrid-copy", "hybrid-copy1", "hybrid-cad")  # each a HybridRAG per sample
+GENERATIVE = ("ttt", "swa", "full", "retrieval", *RAG_SYSTEMS)
 
 
 @dataclass(kw_only=True)
@@ -238,6 +242,7 @@ class Systems:
             "hybrid": lambda s: self._hybrid(s, "auto"),
             "fused": lambda s: self._hybrid(s, "fused"),
             "hybrid-copy": lambda s: self._hybrid(s, "auto", extractive=True),
+            "hybrid-copy1": lambda s: self._hybrid(s, "auto", extractive=True, extractive_sources=1),
             "hybrid-cad": lambda s: self._hybrid(s, "auto", context_contrast=0.5),
         }
         p = fn[name](s)
@@ -272,7 +277,7 @@ class Systems:
         t0 = time.perf_counter()
         if name in ("retrieval", "bm25", "dense"):
             self._index.get(s)
-        elif name in ("hybrid", "fused", "hybrid-copy", "hybrid-cad"):
+        elif name in RAG_SYSTEMS:
             self._rag_for(s)
         return round(time.perf_counter() - t0, 4)
 
