@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from ttt_reference import prefill_distance
 
 from ttt import ModelConfig, TTTModel, graphs, inner
 
@@ -117,10 +118,6 @@ def test_graphed_bf16_step_with_its_bf16_weight_copies_equals_eager(graphed, mon
     the result is bit-identical to the step without copies; and the ring (keys rotated once, in bf16) stays well
     inside bf16's own distance from an fp32 prefill of the same weights."""
 
-    def dist(a, b) -> tuple[float, float]:
-        fast = max((a.state.fast[k] - b.state.fast[k]).abs().max().item() for k in a.state.fast)
-        return fast, (a.token_nll - b.token_nll).abs().max().item()
-
     torch.manual_seed(0)
     cfg = ModelConfig.from_name("debug", vocab_size=96, window=16, ttt_chunk=4, n_layers=3, n_ttt_layers=2)
     m = TTTModel(cfg).to(torch.bfloat16).eval()
@@ -143,6 +140,6 @@ def test_graphed_bf16_step_with_its_bf16_weight_copies_equals_eager(graphed, mon
     monkeypatch.setattr(graphs.ChunkStepGraph, "__init__", without_copies)
     monkeypatch.setattr(graphs, "_GRAPHS", graphs.weakref.WeakKeyDictionary())
     plain = m.prefill(x)
-    assert dist(out, plain) == (0.0, 0.0)
-    for d, bf16_noise in zip(dist(out, ref), dist(ref, ref32), strict=True):
+    assert prefill_distance(out, plain) == (0.0, 0.0)
+    for d, bf16_noise in zip(prefill_distance(out, ref), prefill_distance(ref, ref32), strict=True):
         assert d < 0.5 * bf16_noise, (d, bf16_noise)

@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from ttt_reference import prefill_distance
 
 from ttt import ModelConfig, TTTModel
 
@@ -115,12 +116,6 @@ def test_auto_backend_compiles_flex_only_for_repeating_or_long_shapes() -> None:
         assert (out.double() - ref).abs().max().item() < 1e-4
 
 
-def _dist(a, b) -> tuple[float, float]:
-    """Largest fast-weight and NLL differences between two prefill outputs."""
-    fast = max((a.state.fast[k] - b.state.fast[k]).abs().max().item() for k in a.state.fast)
-    return fast, (a.token_nll.float() - b.token_nll.float()).abs().max().item()
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunk_graph_prefill_equals_eager_on_cuda(dtype: torch.dtype) -> None:
@@ -148,9 +143,9 @@ def test_chunk_graph_prefill_equals_eager_on_cuda(dtype: torch.dtype) -> None:
     if dtype == torch.bfloat16:  # the ring rotates keys once, in bf16: within bf16's own distance from fp32
         m32 = TTTModel(cfg).cuda().eval()
         m32.load_state_dict({k: v.float() for k, v in m.state_dict().items()})
-        tol = _dist(ref_x, m32.prefill(x))
+        tol = prefill_distance(ref_x, m32.prefill(x))
     for a, b in ((gx, ref_x), (gy, ref_y)):
-        d = _dist(a, b)
+        d = prefill_distance(a, b)
         assert d[0] < tol[0] and d[1] < tol[1], (d, tol)
     for k in keep.fast:
         assert torch.equal(keep.fast[k], gx.state.fast[k]), "a later replay changed a returned state"

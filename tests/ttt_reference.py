@@ -113,3 +113,9 @@ def ref_ttt(sd: dict, cfg, tokens: torch.Tensor, create_graph: bool = False):
             scale = torch.clamp(cfg.ttt_clip / norm, max=1.0)
             W.append({key: W[c][key] - cfg.ttt_lr * scale * gr for key, gr in zip(keys, grads, strict=True)})
     return nll, losses, W
+
+
+def prefill_distance(a, b) -> tuple[float, float]:
+    """Largest fast-weight and token-NLL differences between two ``PrefillOutput``s (same sequence)."""
+    fast = max((a.state.fast[k] - b.state.fast[k]).abs().max().item() for k in a.state.fast)
+    return fast, (a.token_nll.float() - b.token_nll.float()).abs().max().item()

@@ -177,15 +177,13 @@ def suffix_chunk_step(
     update: bool,
     create_graph: bool,
     backend: str,
-    into: dict[str, torch.Tensor] | None = None,
 ) -> ChunkOut:
     """Score one chunk with the current fast weights, then (update=True) take one clipped SGD step.
 
     fast: name -> (B, ...) fast weights (must be in the autograd graph when update=True);
     kv: committed pre-RoPE caches of the TTT blocks (positions before this chunk), or ``CacheWindow``s holding
         them in place (the graphed step, ``ttt/graphs.py``);
-    h: (B, n, d) suffix input of the chunk; targets: (B, n) the next token of every input;
-    into: buffers to write W_i into in place (first order only; see ``sgd_step``).
+    h: (B, n, d) suffix input of the chunk; targets: (B, n) the next token of every input.
     """
     cfg = model.cfg
     x, chunk_kv = model.run_blocks(h, range(cfg.n_prefix_layers, cfg.n_layers), kv, backend, fast)
@@ -194,7 +192,7 @@ def suffix_chunk_step(
     if update:
         names = list(fast)
         grads = torch.autograd.grad(loss.sum(), [fast[n] for n in names], create_graph=create_graph)
-        fast = sgd_step(fast, list(grads), lr, cfg.ttt_clip, into=into)
+        fast = sgd_step(fast, list(grads), lr, cfg.ttt_clip)
     return ChunkOut(logits, nll, loss, fast, chunk_kv)
 
 
@@ -205,15 +203,14 @@ def chunk_update(
     h: torch.Tensor,
     targets: torch.Tensor,
     backend: str,
-    into: dict[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[KV], torch.Tensor, torch.Tensor]:
-    """Prefill's step for one whole chunk: (W_i, the caches with the chunk appended, the last input's logits
-    (B, V), the chunk's NLL (B, b)), all detached; logits and NLL are scored with W_{i-1}. ``into``: buffers
-    that receive W_i in place (they may be ``fast`` itself: the CUDA-graph step)."""
+    """Prefill's eager step for one whole chunk: (W_i, the caches with the chunk appended, the last input's
+    logits (B, V), the chunk's NLL (B, b)), all detached; logits and NLL are scored with W_{i-1}. (The graphed
+    step, ``ttt.graphs.ChunkStepGraph._step``, updates its buffers in place instead.)"""
     with torch.enable_grad():
         f = {k: v.detach().requires_grad_(True) for k, v in fast.items()}
         out = suffix_chunk_step(model, f, committed, h, targets, lr=model.cfg.ttt_lr, update=True,
-                                create_graph=False, backend=backend, into=into)  # fmt: skip
+                                create_graph=False, backend=backend)  # fmt: skip
     kv = _append_kv(committed, [(k.detach(), v.detach()) for k, v in out.kv], _cache_keep(model))
     new_fast = {k: v.detach() for k, v in out.fast.items()}
     return new_fast, kv, out.logits[:, -1].detach(), out.nll.detach()

@@ -186,7 +186,15 @@ class Attention(nn.Module):
             q = rope_rotate(q, cache.cos, cache.sin, cfg.rope_interleaved)
             k_rot = rope_rotate(k, cache.cos, cache.sin, cfg.rope_interleaved)
             o = attention_in_window(q, k_rot, v, cache.k, cache.v, window=cfg.window, backend=backend)
-            return self.wo(o.transpose(1, 2).reshape(B, T, -1)), (k, v)
+        else:
+            o = self._attend_cached(q, k, v, cache, backend)  # (B, H, T, D)
+        return self.wo(o.transpose(1, 2).reshape(B, T, -1)), (k, v)
+
+    def _attend_cached(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KV | None, backend: str
+    ) -> torch.Tensor:
+        """Attention of q (B, H, T, D) over [pre-RoPE cache ; k] with positions local to that buffer."""
+        cfg = self.cfg
         n_cached = 0 if cache is None else cache[0].shape[2]
         # positions local to the [cache ; new] buffer: RoPE depends only on offsets (official attention.py:350)
         q = apply_rope(q, n_cached, cfg.rope_theta, cfg.rope_interleaved)
@@ -198,8 +206,7 @@ class Attention(nn.Module):
             k_rot, v_all = torch.cat((k_cache, k_rot), 2), _cat_time(cache[1], v)  # (B, Hkv, n_cached + T, D)
         else:
             v_all = v
-        o = attention(q, k_rot, v_all.to(q.dtype), window=cfg.window, backend=backend)  # (B, H, T, D)
-        return self.wo(o.transpose(1, 2).reshape(B, T, -1)), (k, v)
+        return attention(q, k_rot, v_all.to(q.dtype), window=cfg.window, backend=backend)  # (B, H, T, D)
 
 
 class SwiGLU(nn.Module):
