@@ -30,6 +30,7 @@ class AnswerCall:
     max_tokens: int | None = None
     temperature: float | None = None  # None = HybridRAG's default (greedy)
     stop: list[str] | None = None
+    answer_start: str = ""  # text the answer begins with; the reply is its continuation
 
 
 def validate_call(svc: Service, call: AnswerCall) -> AnswerCall:
@@ -38,10 +39,12 @@ def validate_call(svc: Service, call: AnswerCall) -> AnswerCall:
     q = call.question.strip()
     if not q:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail="question is empty")
-    if len(call.question) > s.max_question_chars:
+    n_chars = len(call.question) + len(call.answer_start)
+    if n_chars > s.max_question_chars:
+        what = "question and answer_start have" if call.answer_start else "question has"
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT,
-            detail=f"question has {len(call.question)} characters; the limit is {s.max_question_chars} "
+            detail=f"{what} {n_chars} characters; the limit is {s.max_question_chars} "
             "(TTT_RAG_MAX_QUESTION_CHARS)",
         )
     if call.max_tokens is not None and call.max_tokens > s.max_tokens_limit:
@@ -63,6 +66,7 @@ def validate_call(svc: Service, call: AnswerCall) -> AnswerCall:
         max_tokens=max_tokens,
         temperature=call.temperature,
         stop=call.stop,
+        answer_start=call.answer_start,
     )
 
 
@@ -73,6 +77,7 @@ def _kwargs(call: AnswerCall) -> dict[str, Any]:
         "max_new_tokens": call.max_tokens,
         "temperature": call.temperature,
         "stop": call.stop,
+        "answer_start": call.answer_start,
     }
 
 

@@ -37,6 +37,11 @@ class AnswerRequest(BaseModel):
     top_k: int = Field(default=4, ge=1, le=1000)
     max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="default: greedy")
+    answer_start: str = Field(
+        default="",
+        max_length=HARD_MAX_CHARS,
+        description="text the answer begins with (e.g. RULER's answer prefix); `answer` is its continuation",
+    )
     stream: bool = False
 
 

@@ -23,7 +23,8 @@ default. Copying from the top-ranked source only (``ReaderConfig.extractive_sour
 ``hybrid-copy1``) removes those: s-niah 48 of 51 against 45 of 51 on the same samples, but multi-value questions
 lose values that stand in other sources (mv-niah 3.5 of 9 against 5); opt-in as well.
 
-``ValueCopy.mask()`` gives the tokens whose text keeps the answer within the rule, as a (V,) mask; greedy or
+Text the answer was started with (``answer_start``, e.g. RULER's answer prefix) counts as written: its last
+word may still be open. ``ValueCopy.mask()`` gives the tokens whose text keeps the answer within the rule, as a (V,) mask; greedy or
 sampled decoding then picks among them by the model's own preferences
 (``ttt.generate.generate_iter(constraint=...)``). The reference implementation the tests compare against
 re-checks the whole answer text for every candidate (``tests/copy_reference.py``).
@@ -31,6 +32,7 @@ re-checks the whole answer text for every candidate (``tests/copy_reference.py``
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -56,7 +58,9 @@ class ValueCopy:
     """The rule of the module doc over the sources' text. Use: ``mask()`` before each step, then
     ``advance(token)`` with the token chosen."""
 
-    def __init__(self, source_text: str, texts: Sequence[str], *, stop_ids: Iterable[int]) -> None:
+    def __init__(
+        self, source_text: str, texts: Sequence[str], *, stop_ids: Iterable[int], answer_start: str = ""
+    ) -> None:
         if not source_text.strip():
             raise ValueError("ValueCopy needs source text to copy from")
         cores = [_core(w) for w in source_text.split()]
@@ -71,7 +75,8 @@ class ValueCopy:
         self.simple = torch.tensor([not any(ch.isspace() for ch in x) for x in self.texts], dtype=torch.bool)
         self.digit = torch.tensor([_has_digit(x) for x in self.texts], dtype=torch.bool)
         self.standalone = torch.tensor([self._tail_ok("", x) for x in self.texts], dtype=torch.bool)
-        self.open = ""  # the word being written (the answer's trailing non-whitespace run)
+        # the word being written (the answer's trailing non-whitespace run); an answer start may have begun it
+        self.open = "" if not answer_start or answer_start[-1].isspace() else answer_start.split()[-1]
 
     def _word_ok(self, word: str, finished: bool) -> bool:
         c = _core(word)
@@ -119,3 +124,95 @@ class ValueCopy:
             return
         tail = self.open + self.texts[t]
         self.open = "" if not tail or tail[-1].isspace() else tail.split()[-1]
+
+
+# ---- value answers: the whole answer is values copied from the sources ------------------------------------
+# Nouns by which a question asks for a value (a number, code or identifier: a word with a digit in the sources).
+# Answer-type detection as in classic factoid QA: the noun names the answer's type. Plural nouns ask for a list.
+VALUE_NOUNS = frozenset("number numeral code pin passcode password id identifier uuid serial digits".split())
+_WORDS = re.compile(r"[a-z]+")
+
+
+def value_question(question: str) -> str | None:
+    """'one' when ``question`` asks for a value by a noun of ``VALUE_NOUNS`` ('What is the code of ...?'),
+    'many' when it asks by a plural ('What are all the numbers for ...?'), else None."""
+    words = _WORDS.findall(question.lower())
+    if any(w.endswith("s") and w[:-1] in VALUE_NOUNS for w in words):
+        return "many"
+    return "one" if any(w in VALUE_NOUNS for w in words) else None
+
+
+class ValueAnswer:
+    """The strict rule of a value question: the answer is values of the sources and nothing else.
+
+    Every word of the answer is a value (finished, its core is a complete digit word of the sources; being
+    written, a prefix of one not written yet) or, after the first value, punctuation only (``BOUNDARY_CHARS``).
+    Each value at most once; with ``single`` one value at most. The stop tokens are allowed once a value is
+    complete (no other word is open). So the reader chooses which values and how to punctuate them, never
+    whether to answer with one. ``mask()`` / ``advance()`` as ``ValueCopy``.
+    """
+
+    def __init__(
+        self, source_text: str, texts: Sequence[str], *, stop_ids: Iterable[int], single: bool
+    ) -> None:
+        cores = [_core(w) for w in source_text.split()]
+        self.complete = {c for c in cores if _has_digit(c)}
+        if not self.complete:
+            raise ValueError("ValueAnswer needs a value (a word with a digit) in the source text")
+        self.prefixes = {c[:i] for c in self.complete for i in range(1, len(c) + 1)}
+        chars = set("".join(self.complete)) | set(BOUNDARY_CHARS)
+        self.texts, self.single = list(texts), single
+        self.stop = sorted({int(t) for t in stop_ids})
+        assert all(0 <= t < len(self.texts) for t in self.stop), "stop ids must lie in the vocabulary"
+        # the only tokens that can ever be allowed: made of value characters, punctuation and whitespace
+        self.cands = [
+            i for i, x in enumerate(self.texts) if x.strip() and all(ch in chars or ch.isspace() for ch in x)
+        ]
+        self.open, self.written = "", []  # the word being written; the values finished before it
+        self.left_prefixes = self.prefixes  # prefixes of the values not written yet
+
+    def _tail_ok(self, x: str) -> bool:
+        """Whether the words of ``open + x`` (the only ones a token x can change) keep the rule."""
+        tail = self.open + x
+        cores = [_core(p) for p in tail.split()]
+        if not self.written and not cores[0]:  # punctuation before the first value
+            return False
+        ends_open = not tail[-1].isspace()
+        open_core = cores[-1] if ends_open else ""
+        done = [c for c in (cores[:-1] if ends_open else cores) if c]
+        if self.single and len(self.written) + len(done) + bool(open_core) > 1:
+            return False
+        seen = set(self.written)
+        if not all(c in self.complete for c in done) or len(seen | set(done)) < len(seen) + len(done):
+            return False  # a finished word that is no value, or a value named twice
+        if not open_core:
+            return True
+        if not done:
+            return open_core in self.left_prefixes
+        return any(v.startswith(open_core) for v in self.complete - seen - set(done))
+
+    def mask(self) -> torch.Tensor:
+        """(V,) bool: the tokens allowed next."""
+        m = torch.zeros(len(self.texts), dtype=torch.bool)
+        for i in self.cands:
+            m[i] = self._tail_ok(self.texts[i])
+        c = _core(self.open)
+        if (c in self.complete and c not in self.written) or (c == "" and self.written):
+            m[self.stop] = True
+        return m
+
+    def advance(self, token: int) -> None:
+        """Record the token chosen (it must have been allowed by ``mask``)."""
+        t = int(token)
+        if t in self.stop:
+            return
+        tail = self.open + self.texts[t]
+        parts = tail.split()
+        ends_open = not tail[-1].isspace()
+        finished = parts[:-1] if ends_open else parts
+        new = [c for c in map(_core, finished) if c]
+        if new:
+            self.written += new
+            left = self.complete - set(self.written)
+            self.left_prefixes = {v[:i] for v in left for i in range(1, len(v) + 1)}
+        self.open = parts[-1] if ends_open else ""

@@ -336,10 +336,16 @@ class HybridRAG:
         max_new_tokens: int | None = None,
         temperature: float | None = None,
         stop: Sequence[str] | None = None,
+        answer_start: str = "",
     ) -> Answer:
-        """Answer ``question`` by ``route`` ('auto' asks the router); see the module docstring."""
+        """Answer ``question`` by ``route`` ('auto' asks the router); see the module docstring.
+
+        ``answer_start``: text the answer begins with (RULER's answer prefix, a format the caller wants); the
+        model continues it and ``Answer.text`` is the continuation only.
+        """
         final = None
-        for item in self.answer_stream(question, route, top_k, max_new_tokens, temperature, stop):
+        args = (question, route, top_k, max_new_tokens, temperature, stop, answer_start)
+        for item in self.answer_stream(*args):
             final = item
         assert isinstance(final, Answer), "answer_stream must end with an Answer"
         return final
@@ -352,9 +358,10 @@ class HybridRAG:
         max_new_tokens: int | None = None,
         temperature: float | None = None,
         stop: Sequence[str] | None = None,
+        answer_start: str = "",
     ) -> Iterator[str | Answer]:
         """Yield the answer text in pieces as it is generated, then the final ``Answer``."""
-        plan = self._plan(question, route, top_k, max_new_tokens)
+        plan = self._plan(question, route, top_k, max_new_tokens, answer_start)
         t_gen = time.perf_counter()
         model = _frozen(self.model) if plan["state"] is None else self.model
         prompt = torch.tensor([plan["prompt"].ids], dtype=torch.long, device=self.device)
@@ -378,7 +385,8 @@ class HybridRAG:
         timings = plan["timings"] | {"generate": time.perf_counter() - t_gen}
         timings["total"] = time.perf_counter() - plan["t0"]
         n_prompt = len(plan["prompt"].ids)
-        sources = cite(text, plan["prompt"].sources, self.config.reader) if plan["prompt"].sources else []
+        said = plan["answer_start"] + text  # what the answer states, for citation
+        sources = cite(said, plan["prompt"].sources, self.config.reader) if plan["prompt"].sources else []
         yield Answer(
             text=text,
             route=plan["route"],
@@ -396,21 +404,32 @@ class HybridRAG:
         )
 
     def _constraint(self, plan: dict[str, Any]) -> Any:
-        """Copy constraint of a lookup answer over the prompt's numbered sources (None: free generation)."""
-        p = plan["prompt"]
-        if plan["route"] != "lookup" or not self.config.reader.extractive or p.body[1] <= p.body[0]:
+        """Decoding rule over the prompt's numbered sources (None: free generation): ``ValueAnswer`` for a value
+        question (``ReaderConfig.value_answers``, lookup and fused routes), else ``ValueCopy`` for a lookup
+        (``ReaderConfig.extractive``)."""
+        p, reader = plan["prompt"], self.config.reader
+        if not p.sources or not (reader.extractive or reader.value_answers):
             return None
-        from hybrid.extractive import ValueCopy, token_texts
+        from hybrid.extractive import ValueAnswer, ValueCopy, token_texts, value_question
 
         if self._token_texts is None:
             self._token_texts = token_texts(self.tokenizer, self.model.cfg.vocab_size)
         stop = [] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id]
+        kind = value_question(plan["question"]) if reader.value_answers else None
+        if kind is not None:  # lookup or fused: whatever route put sources in the prompt
+            texts = [s.text for s in (p.sources[:1] if kind == "one" else p.sources)]
+            try:
+                return ValueAnswer("\n".join(texts), self._token_texts, stop_ids=stop, single=kind == "one")
+            except ValueError:  # no value in those sources: the configured rule below
+                pass
+        if not reader.extractive or plan["route"] != "lookup":
+            return None
         n_top = self.config.reader.extractive_sources
         if n_top is None:
             source = self.tokenizer.decode(p.ids[p.body[0] : p.body[1]])
         else:  # the top-ranked sources only (ranked order = marker order)
             source = "\n".join(s.text for s in p.sources[:n_top])
-        return ValueCopy(source, self._token_texts, stop_ids=stop)
+        return ValueCopy(source, self._token_texts, stop_ids=stop, answer_start=plan["answer_start"])
 
     def _decide(self, question: str, route: str) -> Any:
         from router import RouteDecision
@@ -420,11 +439,13 @@ class HybridRAG:
         return RouteDecision(route=route, confidence=1.0, reason="route chosen by the caller")
 
     def _plan(
-        self, question: str, route: str, top_k: int | None, max_new_tokens: int | None
+        self, question: str, route: str, top_k: int | None, max_new_tokens: int | None, answer_start: str
     ) -> dict[str, Any]:
         """Validate, route, retrieve, fetch the memory and build the prompt (everything before decoding)."""
         t0 = time.perf_counter()
         q = check_question(question)
+        if not isinstance(answer_start, str):
+            raise InvalidQuestionError(f"answer_start must be a string, got {type(answer_start).__name__}")
         if route not in ("auto", *ROUTES):
             raise UnknownRouteError(f"unknown route {route!r}; choose from {('auto', *ROUTES)}")
         k = self.config.top_k if top_k is None else top_k
@@ -436,9 +457,8 @@ class HybridRAG:
         budget = token_budget(self.model.cfg.window, max_new, self.config.reader)
         if budget < 8:
             raise InvalidQuestionError(f"max_new_tokens={max_new} leaves no room for a prompt in the window")
-        build_prompt(
-            q, [], self.tokenizer, budget=budget, cfg=self.config.reader
-        )  # QuestionTooLongError early
+        reader, start = self.config.reader, answer_start
+        build_prompt(q, [], self.tokenizer, budget=budget, cfg=reader, answer_start=start)  # too long: early
         timings: dict[str, float] = {}
         t = time.perf_counter()
         decision = self._decide(q, route)
@@ -454,12 +474,14 @@ class HybridRAG:
             shared, meta, rebuilt = self.memory_state()
             state, version, mem_tokens = shared.clone(), meta.version, meta.tokens_read  # per-request copy
             timings["memory_rebuild" if rebuilt else "memory"] = time.perf_counter() - t
-        prompt = build_prompt(q, hits, self.tokenizer, budget=budget, cfg=self.config.reader)
+        prompt = build_prompt(q, hits, self.tokenizer, budget=budget, cfg=reader, answer_start=start)
         contrast = None  # context-aware decoding: the same question without its sources
-        if decision.route == "lookup" and self.config.reader.context_contrast > 0 and prompt.sources:
-            bare = build_prompt(q, [], self.tokenizer, budget=budget, cfg=self.config.reader)
+        if decision.route == "lookup" and reader.context_contrast > 0 and prompt.sources:
+            bare = build_prompt(q, [], self.tokenizer, budget=budget, cfg=reader, answer_start=start)
             contrast = torch.tensor([bare.ids], dtype=torch.long, device=self.device)
         return {
+            "question": q,
+            "answer_start": start,
             "contrast": contrast,
             "t0": t0,
             "route": decision.route,

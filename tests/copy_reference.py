@@ -30,3 +30,45 @@ def valid(answer: str, source: str) -> bool:
 
 def allowed(answer: str, source: str, texts: list[str], stop: int) -> set[int]:
     return {i for i, x in enumerate(texts) if i == stop or valid(answer + x, source)}
+
+
+def valid_strict(answer: str, source: str, single: bool) -> bool:
+    """Value answers: every word is a source value, each at most once (the open word a prefix of one not
+    written yet) or, after the first value, punctuation only; ``single``: at most one value."""
+    words = digit_words(source)
+    parts = answer.split()
+    ends_open = bool(answer) and not answer[-1].isspace()
+    finished: list[str] = []
+    for i, w in enumerate(parts):
+        core = w.strip(BOUNDARY)
+        if not core:
+            if not finished:
+                return False  # punctuation before the first value
+            continue
+        if i == len(parts) - 1 and ends_open:
+            if not any(v.startswith(core) for v in words - set(finished)):
+                return False
+            return not single or len(finished) + 1 <= 1
+        if core not in words or core in finished:
+            return False
+        finished.append(core)
+    return not single or len(finished) <= 1
+
+
+def can_stop_strict(answer: str, source: str) -> bool:
+    """A value answer may end once it holds a value and no word is half-written (an open word that is a value
+    not named before counts as complete)."""
+    words = digit_words(source)
+    cores = [w.strip(BOUNDARY) for w in answer.split()]
+    if not any(cores):
+        return False
+    if answer[-1].isspace() or cores[-1] == "":
+        return True
+    return cores[-1] in words and cores[-1] not in cores[:-1]
+
+
+def allowed_strict(answer: str, source: str, texts: list[str], stop: int, single: bool) -> set[int]:
+    ok = {
+        i for i, x in enumerate(texts) if i != stop and x.strip() and valid_strict(answer + x, source, single)
+    }
+    return ok | ({stop} if can_stop_strict(answer, source) else set())

@@ -123,6 +123,18 @@ def test_answer_lookup_cites_planted_chunk_and_matches_library(env: Any) -> None
     )
 
 
+def test_answer_start_is_continued_as_the_library_does(env: Any) -> None:
+    """``answer_start`` reaches the reader: the reply is the library's continuation of that text, which
+    differs from the answer without it (the prompt ends with the start)."""
+    client, rag, _ = env
+    q, start = "What is the secret launch code of the harbor lighthouse?", " The secret launch code is"
+    body = ask(client, question=q, route="lookup", top_k=2, answer_start=start).json()
+    ref = rag.answer(q, route="lookup", top_k=2, max_new_tokens=4, answer_start=start)
+    plain = rag.answer(q, route="lookup", top_k=2, max_new_tokens=4)
+    assert body["answer"] == ref.text
+    assert body["usage"]["prompt_tokens"] == ref.usage["prompt_tokens"] > plain.usage["prompt_tokens"]
+
+
 def test_answer_auto_uses_router_decision(env: Any) -> None:
     client, _, _ = env
     body = ask(client, question="Summarize the overall theme of the corpus").json()
@@ -151,7 +163,9 @@ def test_answer_stream_matches_non_stream(env: Any) -> None:
     [({"question": ""}, "question"), ({"question": "   "}, "empty"), ({"question": "x" * 201}, "TTT_RAG_MAX_QUESTION_CHARS"),
      ({"question": "q", "max_tokens": 17}, "TTT_RAG_MAX_TOKENS_LIMIT"), ({"question": "q", "max_tokens": 0}, "max_tokens"),
      ({"question": "q", "top_k": 51}, "TTT_RAG_MAX_TOP_K"), ({"question": "q", "route": "psychic"}, "route"),
-     ({"question": "q", "bogus": 1}, "bogus"), ({}, "question")],
+     ({"question": "q", "bogus": 1}, "bogus"), ({}, "question"),
+     ({"question": "q" * 150, "answer_start": "a" * 51}, "question and answer_start have 201"),
+     ({"question": "q", "answer_start": 3}, "answer_start")],
 )  # fmt: skip
 def test_answer_422(env: Any, body: dict[str, Any], needle: str) -> None:
     client, _, _ = env

@@ -18,6 +18,7 @@ from hybrid import (
     CorruptMemoryError,
     EmptyQuestionError,
     InvalidDocumentsError,
+    InvalidQuestionError,
     NotIngestedError,
     QuestionTooLongError,
     UnknownRouteError,
@@ -82,12 +83,15 @@ def test_lookup_cites_the_planted_fact(tmp_path, model, tok):
     assert ans.memory_version is None and ans.usage["prompt_tokens"] <= model.cfg.window - 6
 
 
-@pytest.mark.parametrize("mode", ["free", "extractive", "extractive-top1", "contrast"])
+@pytest.mark.parametrize(
+    "mode", ["free", "extractive", "extractive-top1", "contrast", "free-start", "extractive-start"]
+)
 def test_reader_decodes_with_base_weights(tmp_path, model, tok, mode):
     """The lookup answer equals greedy decoding with the plain forward (W0, no TTT) over the same prompt;
     extractive: digit words only as verbatim copies from the prompt's sources (brute force here; -top1: from
     the top-ranked source only); contrast:
-    argmax of 1.5 * logits - 0.5 * logits of the prompt without its sources (both recomputed from scratch)."""
+    argmax of 1.5 * logits - 0.5 * logits of the prompt without its sources (both recomputed from scratch);
+    -start: the answer begins with given text (the prompt ends with it, the rule reads it as written)."""
     from copy_reference import allowed
 
     from hybrid.extractive import token_texts
@@ -101,9 +105,12 @@ def test_reader_decodes_with_base_weights(tmp_path, model, tok, mode):
     )
     rag.ingest(DOCS)
     q = "Who waters the pears?"
-    ans = rag.answer(q, route="lookup")
+    start = " The one who waters the pears is" if mode.endswith("-start") else ""
+    ans = rag.answer(q, route="lookup", answer_start=start)
     hits = rag.index.search(q, k=3, mode="bm25")
-    prompt = build_prompt(q, hits, tok, budget=token_budget(model.cfg.window, 6, rag.config.reader))
+    budget = token_budget(model.cfg.window, 6, rag.config.reader)
+    prompt = build_prompt(q, hits, tok, budget=budget, answer_start=start)
+    assert tok.decode(prompt.ids).endswith("\nAnswer:" + start)
     body = prompt.ids[prompt.body[0] : prompt.body[1]]
     assert tok.decode(body).startswith("[1] ") and q not in tok.decode(body)
     texts = token_texts(tok, model.cfg.vocab_size)
@@ -117,7 +124,7 @@ def test_reader_decodes_with_base_weights(tmp_path, model, tok, mode):
             if mode == "contrast":
                 logits = 1.5 * logits - 0.5 * model(torch.tensor([bare + out]))[0, -1]
             if extractive:
-                ok = allowed(tok.decode(out), source, texts, tok.eos_id)
+                ok = allowed(start + tok.decode(out), source, texts, tok.eos_id)
                 logits[[t for t in range(logits.shape[0]) if t not in ok]] = float("-inf")
             nxt = int(logits.argmax())
             if nxt == tok.eos_id:
@@ -253,6 +260,11 @@ def test_bad_input_errors(tmp_path, model, tok):
         rag.answer("why " * 200, route="lookup")
     with pytest.raises(QuestionTooLongError):
         rag.answer("why " * 200, route="comprehension")
+    with pytest.raises(QuestionTooLongError, match="answer start"):
+        rag.answer("why?", route="lookup", answer_start=" because" * 200)
+    with pytest.raises(InvalidQuestionError, match="answer_start"):
+        rag.answer("why?", route="lookup", answer_start=7)  # type: ignore[arg-type]
+    assert sorted(rag.documents()) == sorted(d for d, _ in DOCS), "failed answers must not touch the store"
 
 
 def test_corrupt_memory_is_reported_and_previous_version_loads(tmp_path, model, tok):
@@ -277,6 +289,50 @@ def test_corrupt_memory_is_reported_and_previous_version_loads(tmp_path, model, 
     assert meta.doc_ids == [d for d, _ in DOCS]
 
 
+@pytest.mark.parametrize(
+    "q,single",
+    [("What is the code of the vault under the mill?", True), ("Which codes open the vault?", False)],
+)
+def test_value_answers_decode_source_values_only(tmp_path, model, tok, q, single):
+    """``value_answers``: a value question's answer equals greedy decoding (plain forward) restricted by the
+    brute-force strict rule: values of the top source (a plural noun: of every source), punctuation, and a stop
+    only after a complete value."""
+    from copy_reference import allowed_strict
+
+    from hybrid.extractive import token_texts
+    from hybrid.reader import ReaderConfig, build_prompt, token_budget
+
+    rag = make_rag(tmp_path, model, tok)
+    rag.config.reader = ReaderConfig(value_answers=True)
+    rag.ingest(DOCS)
+    ans = rag.answer(q, route="lookup")
+    hits = rag.index.search(q, k=3, mode="bm25")
+    prompt = build_prompt(q, hits, tok, budget=token_budget(model.cfg.window, 6, rag.config.reader))
+    assert "7731" in prompt.sources[0].text, "the vault chunk must rank first for this check"
+    source = prompt.sources[0].text if single else "\n".join(s.text for s in prompt.sources)
+    texts = token_texts(tok, model.cfg.vocab_size)
+    ids, out = torch.tensor([prompt.ids]), []
+    with torch.no_grad():
+        for _ in range(6):
+            logits = model(ids)[0, -1]
+            ok = allowed_strict(tok.decode(out), source, texts, tok.eos_id, single)
+            logits[[t for t in range(logits.shape[0]) if t not in ok]] = float("-inf")
+            nxt = int(logits.argmax())
+            if nxt == tok.eos_id:
+                break
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+    assert ans.text == tok.decode(out) and any(ch.isdigit() for ch in ans.text)
+    from copy_reference import digit_words
+
+    from hybrid.extractive import ValueAnswer
+
+    plan = {"route": "fused", "prompt": prompt, "question": q, "answer_start": ""}
+    rule = rag._constraint(plan)  # the fused route's sources get the same rule
+    assert isinstance(rule, ValueAnswer) and rule.complete == digit_words(source) and rule.single == single
+    assert rag._constraint(plan | {"question": "Who waters the pears?"}) is None  # not a value question
+
+
 @pytest.mark.parametrize("n_top", [None, 1, 2])
 def test_copy_rule_reads_the_top_ranked_sources(tmp_path, model, tok, n_top):
     """``extractive_sources=n``: the values a lookup answer may copy are the digit words of the n top-ranked
@@ -284,12 +340,12 @@ def test_copy_rule_reads_the_top_ranked_sources(tmp_path, model, tok, n_top):
     from hybrid.reader import ReaderConfig, build_prompt, token_budget
 
     rag = make_rag(tmp_path, model, tok)
-    rag.config.reader = ReaderConfig(extractive=True, extractive_sources=n_top)
+    rag.config.reader = ReaderConfig(extractive=True, extractive_sources=n_top, value_answers=False)
     rag.ingest(DOCS)
     q = 'What is the exact code "7731" used for?'
     hits = rag.index.search(q, k=3, mode="bm25")
     prompt = build_prompt(q, hits, tok, budget=token_budget(model.cfg.window, 6, rag.config.reader))
-    rule = rag._constraint({"route": "lookup", "prompt": prompt})
+    rule = rag._constraint({"route": "lookup", "prompt": prompt, "answer_start": ""})
     if n_top is None:  # the numbered body, markers included (a citation "[1]" is copyable)
         text = tok.decode(prompt.ids[prompt.body[0] : prompt.body[1]])
     else:
@@ -297,4 +353,4 @@ def test_copy_rule_reads_the_top_ranked_sources(tmp_path, model, tok, n_top):
     expect = {w.strip(",.;:!?()[]{}\"'") for w in text.split()}
     assert rule.complete == {w for w in expect if any(ch.isdigit() for ch in w)}
     assert len(prompt.sources) >= 2
-    assert rag._constraint({"route": "comprehension", "prompt": prompt}) is None
+    assert rag._constraint({"route": "comprehension", "prompt": prompt, "answer_start": ""}) is None

@@ -6,9 +6,9 @@ import random
 
 import pytest
 import torch
-from copy_reference import allowed, valid
+from copy_reference import allowed, allowed_strict, valid, valid_strict
 
-from hybrid.extractive import ValueCopy, token_texts
+from hybrid.extractive import ValueAnswer, ValueCopy, token_texts, value_question
 
 # a toy vocabulary (id 0 = stop): words, digit pieces with and without leading space, punctuation, "-"
 TEXTS = [
@@ -72,6 +72,25 @@ def test_a_value_cannot_be_garbled_or_cut_but_words_around_it_are_free() -> None
     assert mask_set(c2) == {0, 12, 14}  # no "s" token here: only stop or punctuation that keeps it open
 
 
+@pytest.mark.parametrize("start", ["", "code", "code ", "code 15", "code 1544803", "code 40", "code 99"])
+def test_answer_start_counts_as_written(start: str) -> None:
+    """An answer begun by ``answer_start`` continues its open word: the mask after the start equals the
+    reference over the whole text (start + answer), along a random walk."""
+    rng = random.Random(len(start))
+    c = ValueCopy(SOURCE, TEXTS, stop_ids=[0], answer_start=start)
+    answer = start
+    for _ in range(12):
+        got = mask_set(c)
+        assert got == allowed(answer, SOURCE, TEXTS, 0), (start, answer)
+        t = rng.choice(sorted(got))
+        if t == 0:
+            break
+        c.advance(t)
+        answer += TEXTS[t]
+    if start == "code 99":  # an open word no source value begins with: only stop is left
+        assert mask_set(ValueCopy(SOURCE, TEXTS, stop_ids=[0], answer_start=start)) == {0}
+
+
 def test_token_texts_and_bad_sources() -> None:
     class Tok:
         def decode(self, ids: list[int]) -> str:
@@ -80,3 +99,57 @@ def test_token_texts_and_bad_sources() -> None:
     assert token_texts(Tok(), 20) == TEXTS + ["", ""]
     with pytest.raises(ValueError, match="source text"):
         ValueCopy("  ", TEXTS, stop_ids=[0])
+
+
+@pytest.mark.parametrize("single", [True, False])
+@pytest.mark.parametrize("seed", range(15))
+def test_value_answer_mask_equals_brute_force(seed: int, single: bool) -> None:
+    """Value answers: at every step of a random walk the mask equals the reference, every answer written is
+    valid, and the walk can only stop holding a complete source value."""
+    rng = random.Random(seed)
+    src = (
+        SOURCE if seed % 3 else "".join(rng.choice(TEXTS[5:12] + [" "]) for _ in range(rng.randrange(4, 16)))
+    )
+    if not any(ch.isdigit() for ch in src):
+        src += " 15"
+    c = ValueAnswer(src, TEXTS, stop_ids=[0], single=single)
+    answer = ""
+    for _ in range(25):
+        got = mask_set(c)
+        assert got == allowed_strict(answer, src, TEXTS, 0, single), (src, answer)
+        t = rng.choice(sorted(got))
+        if t == 0:
+            cores = [w.strip(",.;:!?()[]{}\"'") for w in answer.split()]
+            assert [w for w in cores if w] and all(w in c.complete for w in cores if w), answer
+            break
+        c.advance(t)
+        answer += TEXTS[t]
+        assert valid_strict(answer, src, single)
+
+
+def test_value_answer_forces_a_value_and_one_only() -> None:
+    """No stop and no free word before a value; a single answer ends after its value (punctuation aside)."""
+    c = ValueAnswer(SOURCE, TEXTS, stop_ids=[0], single=True)
+    assert mask_set(c) == {5, 6, 7}  # " 15", " 27", " 40" (of "40s"): a value first
+    for t in (5, 8, 9, 10):  # " 1544803"
+        c.advance(t)
+    assert mask_set(c) == {0, 12, 14}  # stop or punctuation; no second value (" 27") in a single answer
+    many = ValueAnswer(SOURCE, TEXTS, stop_ids=[0], single=False)
+    for t in (5, 8, 9, 10, 12):  # " 1544803,"
+        many.advance(t)
+    assert {0, 6, 7} <= mask_set(many) and not {1, 5} & mask_set(many)  # another value, never a free word
+    many.advance(6)  # " 27": a prefix of "27-a1" only; "1544803" cannot come again
+    assert 0 not in mask_set(many)
+    with pytest.raises(ValueError, match="value"):
+        ValueAnswer("no digits here", TEXTS, stop_ids=[0], single=True)
+
+
+@pytest.mark.parametrize(
+    "question,kind",
+    [("What is the special magic number for x?", "one"), ("Which number unlocks the safe?", "one"),
+     ("What are all the special magic numbers for a, b, and c?", "many"), ("Give me the UUIDs of the jobs", "many"),
+     ("What is the vault code?", "one"), ("Who waters the pears?", None), ("What is this essay about?", None),
+     ("Is this number-free?", "one"), ("Numbers aside, who won?", "many")],
+)  # fmt: skip
+def test_value_question(question: str, kind: str | None) -> None:
+    assert value_question(question) == kind

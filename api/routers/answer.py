@@ -55,6 +55,7 @@ async def answer(body: AnswerRequest, svc: ReadyDep, request: Request) -> Any:
             top_k=body.top_k,
             max_tokens=body.max_tokens,
             temperature=body.temperature,
+            answer_start=body.answer_start,
         ),
     )
     rid = request.scope["state"]["request_id"]

@@ -15,11 +15,12 @@ about 8 minutes per run, resumable across calls, merged into one report on any m
         --resume-from call1/niah.tar.gz call2/niah.tar.gz --model models/ttt-e2e-ref --full-model models/fa-ref
     PYTHONPATH=. python3 -m eval.niah.report eval/results/niah-gpu
 
-Defaults: the 8 RULER tasks + ``lowlex-niah`` and ``lowlex-mk-niah``; all 12 systems (``hybrid-copy``, ``hybrid-copy1``, ``hybrid-cad``: ablations); lengths 512..8192 (1x-16x the 512 window);
+Defaults: the 8 RULER tasks + ``lowlex-niah`` and ``lowlex-mk-niah``; all 15 systems (``hybrid-prefix``, ``hybrid-copy``, ``hybrid-copy1``, ``hybrid-value``, ``hybrid-free``, ``hybrid-cad``: ablations); lengths 512..8192 (1x-16x the 512 window);
 depths 0,25,50,75,100; up to 5 samples per (task, length, depth) cell, visited in coverage order (index,
 depth, length, task: ``RunConfig.interleave``) so the ``--budget-s`` stop (420 s) leaves an even prefix of
-the grid, the same prefix in every call; ``--max-new-tokens 40`` for every system (a UUID answer is 33
-tokens with the shipped tokenizer). The two models share one tokenizer, so both calls build identical samples.
+the grid, the same prefix in every call; ``--max-new-tokens 128`` (RULER's) for every system (a UUID is 33
+tokens with the shipped tokenizer, and readers restate the key first; on the H100 on 2026-12-07 the 476 answers of
+``hybrid``/``hybrid-copy1`` that ran at both 40 and 128 were identical: the shipped reader stops by itself). The two models share one tokenizer, so both calls build identical samples.
 
 Before the grid a preflight builds the embedder, the shipped router and a ``HybridRAG`` around the loaded
 model and answers one question per route, so a missing dependency fails in seconds, not mid-grid.
@@ -77,13 +78,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--wordlists", default=None, help=f"dir with adjectivelist.txt/nounlist.txt ({WORDLISTS_ENV})"
     )
     ap.add_argument("--tasks", type=_csv(str), default=TASKS, help="comma list (default: 8 RULER + 2 lowlex)")
-    ap.add_argument("--systems", type=_csv(str), default=list(SYSTEMS), help="comma list (default: all 12)")
+    ap.add_argument("--systems", type=_csv(str), default=list(SYSTEMS), help="comma list (default: all 15)")
     ap.add_argument("--lengths", type=_csv(int), default=LENGTHS, help="prompt lengths in model tokens")
     ap.add_argument("--depths", type=_csv(float), default=DEPTHS, help="needle depths in percent")
     ap.add_argument("--samples", type=int, default=5, help="samples per (task, length, depth) cell")
     ap.add_argument("--budget-s", type=float, default=420.0, help="start no new sample after this (0 = none)")
     ap.add_argument(
-        "--max-new-tokens", type=int, default=40, help="generation cap, identical for all systems"
+        "--max-new-tokens", type=int, default=128, help="generation cap, identical for all systems (RULER's)"
     )
     ap.add_argument("--top-k", type=int, default=5, help="retrieved chunks")
     ap.add_argument("--device", default=None, help="default: cuda when available, else cpu")

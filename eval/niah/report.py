@@ -199,8 +199,11 @@ def write_report(
 # ---- README material ---------------------------------------------------------------------------------------
 SYSTEM_ORDER = (
     "hybrid",
+    "hybrid-prefix",
     "hybrid-copy",
     "hybrid-copy1",
+    "hybrid-value",
+    "hybrid-free",
     "hybrid-cad",
     "fused",
     "retrieval",
@@ -213,8 +216,11 @@ SYSTEM_ORDER = (
 )
 SYSTEM_NOTE = {
     "bm25": "bm25 (recall@k)", "dense": "dense (recall@k)", "regex": "regex (value pattern)",
-    "full": "full (FA control)", "hybrid": "hybrid (auto route)", "hybrid-copy": "hybrid, copy-constrained lookups (ablation)",
+    "full": "full (FA control)", "hybrid": "hybrid (auto route)", "hybrid-prefix": "hybrid after RULER's answer prefix (ablation)",
+    "hybrid-copy": "hybrid, copy-constrained lookups (ablation)",
     "hybrid-copy1": "hybrid, lookups copy from the top source only (ablation)", "hybrid-cad": "hybrid, context-aware decoding (ablation)",
+    "hybrid-value": "hybrid, value questions answered with source values only",
+    "hybrid-free": "hybrid, free generation (ablation; the default before 2026-12-07)",
 }  # fmt: skip
 
 

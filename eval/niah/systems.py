@@ -7,13 +7,24 @@
 * ``retrieval`` BM25 + dense (RRF) top-k chunks of the haystack replace it in the prompt; the model reads that.
 * ``bm25`` / ``dense`` recall@k only: the score is string_match_all of the references against the top-k text.
 * ``regex`` the value-pattern baseline (7 digits / UUID), capped at the number of requested answers.
-* ``hybrid`` / ``fused`` ``HybridRAG`` (the loaded model, a fresh store) with ``route="auto"`` / ``"fused"``.
+* ``hybrid`` / ``fused`` ``HybridRAG`` (the loaded model, a fresh store) with ``route="auto"`` / ``"fused"``:
+            the question alone, as a user asks it.
+* ``hybrid-prefix`` ablation: ``hybrid`` answering after RULER's answer prefix (``answer_start``), the prefix
+            the model-only systems get (niah.md §1.1). It hurts the shipped reader (fine-tuned to answer right
+            after "Answer:"): 2026-12-07 CPU, 24 paired s-niah samples, s-niah-3 0 of 8 against 5 of 8.
 * ``hybrid-copy`` ablation: ``hybrid`` with copy-constrained lookup answers (``ReaderConfig(extractive=True)``,
             ``hybrid/extractive.py``).
 * ``hybrid-copy1`` ablation: ``hybrid-copy`` copying values from the top-ranked source only
             (``ReaderConfig(extractive=True, extractive_sources=1)``).
+* ``hybrid-value`` ``hybrid`` answering value questions with source values only
+            (``ReaderConfig(value_answers=True)``, ``hybrid.extractive.ValueAnswer``): the default since
+            2026-12-07, so ``hybrid`` equals it; results made before that call free generation ``hybrid``.
+* ``hybrid-free`` ablation: ``hybrid`` generating freely (``value_answers=False``: the default before 2026-12-07).
 * ``hybrid-cad`` ablation: ``hybrid`` with context-aware decoding of lookup answers
             (``ReaderConfig(context_contrast=0.5)``).
+
+The ablations (``hybrid-*`` but ``hybrid-value``) generate freely apart from their own rule (``value_answers=False``), as
+when they were measured.
 
 Per-sample setup (the retrieval index; the HybridRAG store with the haystack ingested, shared by hybrid and
 fused) is built by ``prepare`` and timed apart from the answer (``prepare_s`` vs ``latency_s``).
@@ -46,11 +57,23 @@ SYSTEMS = (
     "regex",
     "hybrid",
     "fused",
+    "hybrid-prefix",
     "hybrid-copy",
     "hybrid-copy1",
+    "hybrid-value",
+    "hybrid-free",
     "hybrid-cad",
 )
-RAG_SYSTEMS = ("hybrid", "fused", "hybrid-copy", "hybrid-copy1", "hybrid-cad")  # each a HybridRAG per sample
+RAG_SYSTEMS = (
+    "hybrid",
+    "fused",
+    "hybrid-prefix",
+    "hybrid-copy",
+    "hybrid-copy1",
+    "hybrid-value",
+    "hybrid-free",
+    "hybrid-cad",
+)  # each a HybridRAG per sample
 GENERATIVE = ("ttt", "swa", "full", "retrieval", *RAG_SYSTEMS)
 
 
@@ -241,9 +264,14 @@ class Systems:
             "regex": self._regex,
             "hybrid": lambda s: self._hybrid(s, "auto"),
             "fused": lambda s: self._hybrid(s, "fused"),
-            "hybrid-copy": lambda s: self._hybrid(s, "auto", extractive=True),
-            "hybrid-copy1": lambda s: self._hybrid(s, "auto", extractive=True, extractive_sources=1),
-            "hybrid-cad": lambda s: self._hybrid(s, "auto", context_contrast=0.5),
+            "hybrid-prefix": lambda s: self._hybrid(s, "auto", prefix=True, value_answers=False),
+            "hybrid-copy": lambda s: self._hybrid(s, "auto", extractive=True, value_answers=False),
+            "hybrid-copy1": lambda s: self._hybrid(
+                s, "auto", extractive=True, extractive_sources=1, value_answers=False
+            ),
+            "hybrid-value": lambda s: self._hybrid(s, "auto", value_answers=True),
+            "hybrid-free": lambda s: self._hybrid(s, "auto", value_answers=False),
+            "hybrid-cad": lambda s: self._hybrid(s, "auto", context_contrast=0.5, value_answers=False),
         }
         p = fn[name](s)
         p.text = postprocess_pred(p.text)
@@ -301,14 +329,19 @@ class Systems:
             self._rag = (key, rag, tmp)
         return self._rag[1]
 
-    def _hybrid(self, s: Sample, route: str, **reader_options: Any) -> Prediction:
-        """``HybridRAG.answer``; ``reader_options`` override fields of the store's ``ReaderConfig`` for this call only."""
+    def _hybrid(self, s: Sample, route: str, prefix: bool = False, **reader_options: Any) -> Prediction:
+        """``HybridRAG.answer`` of the question (continuing RULER's answer prefix when ``prefix``);
+        ``reader_options`` override fields of the store's ``ReaderConfig`` for this call only."""
         rag = self._rag_for(s)
         reader = rag.config.reader
         rag.config.reader = replace(reader, **reader_options)  # the shared store, this call's reader
         try:
             ans = rag.answer(
-                s.question, route=route, top_k=self.cfg.top_k, max_new_tokens=self.cfg.max_new_tokens
+                s.question,
+                route=route,
+                top_k=self.cfg.top_k,
+                max_new_tokens=self.cfg.max_new_tokens,
+                answer_start=s.answer_prefix if prefix else "",
             )
         finally:
             rag.config.reader = reader
