@@ -32,31 +32,45 @@ def allowed(answer: str, source: str, texts: list[str], stop: int) -> set[int]:
     return {i for i, x in enumerate(texts) if i == stop or valid(answer + x, source)}
 
 
+def _parts(word: str) -> tuple[str, str, str]:
+    core = word.strip(BOUNDARY)
+    if not core:
+        return word, "", ""
+    i = word.index(core)
+    return word[:i], core, word[i + len(core) :]
+
+
 def valid_strict(answer: str, source: str, single: bool) -> bool:
-    """Value answers: every word is a source value, each at most once (the open word a prefix of one not
-    written yet) or, after the first value, punctuation only; ``single``: at most one value."""
+    """Value answers: words are values (at most one punctuation character on either side; each value once; the
+    open word a prefix of a value not written yet) or separators (one punctuation character, after a value, not
+    after another separator); ``single``: at most one value."""
     words = digit_words(source)
     parts = answer.split()
     ends_open = bool(answer) and not answer[-1].isspace()
     finished: list[str] = []
+    prev_sep = False
     for i, w in enumerate(parts):
-        core = w.strip(BOUNDARY)
+        lead, core, trail = _parts(w)
         if not core:
-            if not finished:
-                return False  # punctuation before the first value
-            continue
-        if i == len(parts) - 1 and ends_open:
-            if not any(v.startswith(core) for v in words - set(finished)):
+            if not finished or prev_sep or len(w) > 1:
                 return False
-            return not single or len(finished) + 1 <= 1
+            prev_sep = True
+            continue
+        if len(lead) > 1 or len(trail) > 1 or (single and finished):
+            return False
+        if i == len(parts) - 1 and ends_open:
+            if trail:
+                return core in words - set(finished)
+            return any(v.startswith(core) for v in words - set(finished))
         if core not in words or core in finished:
             return False
         finished.append(core)
-    return not single or len(finished) <= 1
+        prev_sep = False
+    return True
 
 
 def can_stop_strict(answer: str, source: str) -> bool:
-    """A value answer may end once it holds a value and no word is half-written (an open word that is a value
+    """A value answer may end once it holds a value and no value is half-written (an open word that is a value
     not named before counts as complete)."""
     words = digit_words(source)
     cores = [w.strip(BOUNDARY) for w in answer.split()]
@@ -71,4 +85,4 @@ def allowed_strict(answer: str, source: str, texts: list[str], stop: int, single
     ok = {
         i for i, x in enumerate(texts) if i != stop and x.strip() and valid_strict(answer + x, source, single)
     }
-    return ok | ({stop} if can_stop_strict(answer, source) else set())
+    return ok | ({stop} if can_stop_strict(answer, source) or not ok else set())

@@ -119,6 +119,8 @@ def test_value_answer_mask_equals_brute_force(seed: int, single: bool) -> None:
         assert got == allowed_strict(answer, src, TEXTS, 0, single), (src, answer)
         t = rng.choice(sorted(got))
         if t == 0:
+            if got == {0}:  # a dead end of the toy vocabulary (no token finishes "40s"): stop is the way out
+                break
             cores = [w.strip(",.;:!?()[]{}\"'") for w in answer.split()]
             assert [w for w in cores if w] and all(w in c.complete for w in cores if w), answer
             break
@@ -138,6 +140,7 @@ def test_value_answer_forces_a_value_and_one_only() -> None:
     for t in (5, 8, 9, 10, 12):  # " 1544803,"
         many.advance(t)
     assert {0, 6, 7} <= mask_set(many) and not {1, 5} & mask_set(many)  # another value, never a free word
+    assert not {12, 14} & mask_set(many)  # one punctuation character closes a value: no run of them
     many.advance(6)  # " 27": a prefix of "27-a1" only; "1544803" cannot come again
     assert 0 not in mask_set(many)
     with pytest.raises(ValueError, match="value"):
