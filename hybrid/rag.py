@@ -38,7 +38,15 @@ from hybrid.errors import (
     UnknownRouteError,
 )
 from hybrid.memory import CorpusMemory, MemoryMeta, text_sha1
-from hybrid.reader import ReaderConfig, Source, build_prompt, cite, hit_source, token_budget
+from hybrid.reader import (
+    ReaderConfig,
+    Source,
+    build_prompt,
+    cite,
+    content_words,
+    hit_source,
+    token_budget,
+)
 
 log = logging.getLogger(__name__)
 
@@ -410,16 +418,19 @@ class HybridRAG:
         p, reader = plan["prompt"], self.config.reader
         if not p.sources or not (reader.extractive or reader.value_answers):
             return None
-        from hybrid.extractive import ValueAnswer, ValueCopy, token_texts, value_question
+        from hybrid.extractive import ValueAnswer, ValueCopy, best_value_sentence, token_texts, value_question
 
         if self._token_texts is None:
             self._token_texts = token_texts(self.tokenizer, self.model.cfg.vocab_size)
         stop = [] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id]
         kind = value_question(plan["question"]) if reader.value_answers else None
         if kind is not None:  # lookup or fused: whatever route put sources in the prompt
-            texts = [s.text for s in (p.sources[:1] if kind == "one" else p.sources)]
+            if kind == "one":  # the top source's sentence with a value that is closest to the question
+                text = best_value_sentence(plan["question"], p.sources[0].text, self._similarity) or ""
+            else:
+                text = "\n".join(s.text for s in p.sources)
             try:
-                return ValueAnswer("\n".join(texts), self._token_texts, stop_ids=stop, single=kind == "one")
+                return ValueAnswer(text, self._token_texts, stop_ids=stop, single=kind == "one")
             except ValueError:  # no value in those sources: the configured rule below
                 pass
         if not reader.extractive or plan["route"] != "lookup":
@@ -430,6 +441,14 @@ class HybridRAG:
         else:  # the top-ranked sources only (ranked order = marker order)
             source = "\n".join(s.text for s in p.sources[:n_top])
         return ValueCopy(source, self._token_texts, stop_ids=stop, answer_start=plan["answer_start"])
+
+    def _similarity(self, question: str, texts: list[str]) -> list[float]:
+        """Cosine of ``question`` to each text with the index's embedder; shared content words without one."""
+        if self.index.dense_enabled:
+            v = self.index.embed([question, *texts])  # (1 + N, dim) unit vectors
+            return [float(x) for x in v[1:] @ v[0]]
+        q = content_words(question)
+        return [float(len(q & content_words(t))) for t in texts]
 
     def _decide(self, question: str, route: str) -> Any:
         from router import RouteDecision

@@ -68,7 +68,8 @@ class ReaderConfig:
     extractive_sources: int | None = None
     # True: a question answered from sources (lookup, fused) that asks for a value by its type noun (number,
     # code, id, uuid, ...: ``hybrid.extractive.value_question``) is answered with values of the sources only
-    # (``ValueAnswer``): one from the top-ranked source, or for a plural noun a list from all the numbered
+    # (``ValueAnswer``): one from the top-ranked source's value sentence closest to the question
+    # (``best_value_sentence``), or for a plural noun a list from all the numbered
     # sources. Other questions, or no value in those sources: as configured above. On by default: on NIAH it
     # beat free generation (CPU, held-out seed 7, 81 paired samples: 55.5 vs 45.75 correct, no task lower; GPU,
     # 137 paired samples: README)

@@ -168,6 +168,12 @@ class Index:
     def chunks(self, doc_id: str) -> list[Chunk]:
         return [self._state.table.chunk(r) for r in self._state.table.rows_of_doc(doc_id)]
 
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """(N, dim) unit vectors of ``texts`` with the index's embedder (DenseUnavailableError without one)."""
+        if not self.dense_enabled:
+            raise DenseUnavailableError("this index was created with dense=False: it has no embedder")
+        return self._embed(texts)
+
     def _embed(self, texts: list[str]) -> np.ndarray:
         if self.embedder is None:
             self.embedder = _default_embedder()

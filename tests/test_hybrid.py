@@ -309,7 +309,10 @@ def test_value_answers_decode_source_values_only(tmp_path, model, tok, q, single
     hits = rag.index.search(q, k=3, mode="bm25")
     prompt = build_prompt(q, hits, tok, budget=token_budget(model.cfg.window, 6, rag.config.reader))
     assert "7731" in prompt.sources[0].text, "the vault chunk must rank first for this check"
-    source = prompt.sources[0].text if single else "\n".join(s.text for s in prompt.sources)
+    from hybrid.extractive import best_value_sentence
+
+    top = best_value_sentence(q, prompt.sources[0].text, rag._similarity)
+    source = top if single else "\n".join(s.text for s in prompt.sources)
     texts = token_texts(tok, model.cfg.vocab_size)
     ids, out = torch.tensor([prompt.ids]), []
     with torch.no_grad():
@@ -331,6 +334,8 @@ def test_value_answers_decode_source_values_only(tmp_path, model, tok, q, single
     rule = rag._constraint(plan)  # the fused route's sources get the same rule
     assert isinstance(rule, ValueAnswer) and rule.complete == digit_words(source) and rule.single == single
     assert rag._constraint(plan | {"question": "Who waters the pears?"}) is None  # not a value question
+    if not rag.index.dense_enabled:  # without an embedder sentences are compared by shared content words
+        assert rag._similarity("the vault code", ["The vault code is 1.", "Pears 2."]) == [2.0, 0.0]
 
 
 @pytest.mark.parametrize("n_top", [None, 1, 2])
@@ -354,3 +359,19 @@ def test_copy_rule_reads_the_top_ranked_sources(tmp_path, model, tok, n_top):
     assert rule.complete == {w for w in expect if any(ch.isdigit() for ch in w)}
     assert len(prompt.sources) >= 2
     assert rag._constraint({"route": "comprehension", "prompt": prompt, "answer_start": ""}) is None
+
+
+def test_similarity_is_the_index_embedders_cosine(tmp_path, model, tok):
+    """With a dense index the value sentence is chosen by cosine: equal to the dot of the embedder's unit
+    vectors, computed apart."""
+    import numpy as np
+    from retrieval_helpers import HashEmbedder
+
+    from retrieval import Index
+
+    emb = HashEmbedder()
+    rag = HybridRAG(model, tok, Index.create(tmp_path / "dense", embedder=emb))
+    q, texts = "the vault code", ["The vault code is 1.", "Pears 2.", "code 3"]
+    v = emb.encode([q, *texts])
+    want = [float(np.dot(v[0], x)) for x in v[1:]]
+    assert rag._similarity(q, texts) == pytest.approx(want, abs=1e-6) and len(set(want)) > 1

@@ -8,7 +8,14 @@ import pytest
 import torch
 from copy_reference import allowed, allowed_strict, valid, valid_strict
 
-from hybrid.extractive import ValueAnswer, ValueCopy, token_texts, value_question
+from hybrid.extractive import (
+    ValueAnswer,
+    ValueCopy,
+    best_value_sentence,
+    token_texts,
+    value_question,
+    value_sentences,
+)
 
 # a toy vocabulary (id 0 = stop): words, digit pieces with and without leading space, punctuation, "-"
 TEXTS = [
@@ -156,3 +163,37 @@ def test_value_answer_forces_a_value_and_one_only() -> None:
 )  # fmt: skip
 def test_value_question(question: str, kind: str | None) -> None:
     assert value_question(question) == kind
+
+
+def test_value_sentences_split_glued_and_keep_decimals() -> None:
+    text = "No digits here. It was 40 years ago.The code is: 1544803.\nPi is 3.14 or so! Why? 27-a1 is last"
+    assert value_sentences(text) == [
+        "It was 40 years ago.",
+        "The code is: 1544803.",
+        "Pi is 3.14 or so!",
+        "27-a1 is last",
+    ]
+    assert value_sentences("no values at all. none.") == []
+
+
+def test_best_value_sentence_takes_the_most_similar_one() -> None:
+    """The argmax of the similarity over the sentences with a value (the first on ties); one sentence with a value
+    is returned without asking the similarity; None without any."""
+    calls: list[list[str]] = []
+
+    def overlap(q: str, sents: list[str]) -> list[float]:
+        calls.append(sents)
+        words = set(q.lower().split())
+        return [float(len(words & set(s.lower().split()))) for s in sents]
+
+    text = "It was 40 years ago. The magic code for the red door is 1544803. The blue door has 27-a1."
+    assert (
+        best_value_sentence("magic code for the red door?", text, overlap)
+        == "The magic code for the red door is 1544803."
+    )
+    assert best_value_sentence("zzz", text, overlap) == "It was 40 years ago."  # all tie at 0: the first
+    calls.clear()
+    assert (
+        best_value_sentence("red door", "A red door. It opens with 7731.", overlap) == "It opens with 7731."
+    )
+    assert best_value_sentence("red door", "no value here.", overlap) is None and not calls

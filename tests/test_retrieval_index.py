@@ -191,6 +191,8 @@ def test_bm25_only_index_never_loads_embedder(tmp_path, monkeypatch) -> None:
     assert back.search("4412", mode="bm25")[0].chunk.doc_id == "xray"
     with pytest.raises(DenseUnavailableError):
         back.search("x", mode="dense")
+    with pytest.raises(DenseUnavailableError, match="no embedder"):
+        back.embed(["x"])
     assert not any(p.name.startswith("dense") for p in (tmp_path / "s").rglob("*"))
 
 
