@@ -105,6 +105,7 @@ class TTTChatModel(BaseChatModel):
             "max_new_tokens": kwargs.get("max_tokens", self.max_tokens),
             "temperature": kwargs.get("temperature", self.temperature),
             "stop": stop if stop is not None else self.stop,
+            "answer_start": kwargs.get("answer_start", ""),  # per call: text the reply continues
         }
 
     def _metadata(self, ans: Any) -> tuple[dict[str, Any], UsageMetadata]:

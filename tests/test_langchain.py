@@ -71,6 +71,15 @@ def test_chat_model_reports_route_sources_and_usage():
     )
 
 
+def test_chat_model_passes_answer_start():
+    """``invoke(..., answer_start=...)``: the reply is the library's continuation of that text."""
+    rag, q, start = shared_rag(), "Which ship carries 3 crates?", " The ship is"
+    msg = TTTChatModel(rag=rag, route="lookup", max_tokens=5).invoke(q, answer_start=start)
+    ref = rag.answer(q, route="lookup", max_new_tokens=5, answer_start=start)
+    plain = rag.answer(q, route="lookup", max_new_tokens=5)
+    assert msg.content == ref.text != plain.text  # the start changed the reply (prompts fill the same budget)
+
+
 def test_chat_model_stop_sequence_truncates():
     full = TTTChatModel(rag=shared_rag(), route="lookup", max_tokens=8).invoke("ship 2").content
     assert len(full) >= 2, "a random model always emits byte tokens here"
