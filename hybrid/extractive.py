@@ -138,13 +138,18 @@ class ValueCopy:
 # Nouns by which a question asks for a value (a number, code or identifier: a word with a digit in the sources).
 # Answer-type detection as in classic factoid QA: the noun names the answer's type. Plural nouns ask for a list.
 VALUE_NOUNS = frozenset("number numeral code pin passcode password id identifier uuid serial digits".split())
+# questions that ask for a thing (not why / how / explain ...): the first word is one of these
+ASKING_WORDS = frozenset("what which give list find tell name provide return show".split())
 _WORDS = re.compile(r"[a-z]+")
 
 
 def value_question(question: str) -> str | None:
-    """'one' when ``question`` asks for a value by a noun of ``VALUE_NOUNS`` ('What is the code of ...?'),
-    'many' when it asks by a plural ('What are all the numbers for ...?'), else None."""
+    """'one' when ``question`` asks for a thing (first word in ``ASKING_WORDS``) by a noun of ``VALUE_NOUNS``
+    ('What is the code of ...?'), 'many' when by a plural ('What are all the numbers for ...?'), else None
+    ('Why does the code fail?', 'Summarize the numbers'). Lexical: 'What does the code do?' counts too."""
     words = _WORDS.findall(question.lower())
+    if not words or words[0] not in ASKING_WORDS:
+        return None
     if any(w.endswith("s") and w[:-1] in VALUE_NOUNS for w in words):
         return "many"
     return "one" if any(w in VALUE_NOUNS for w in words) else None

@@ -159,7 +159,8 @@ def test_value_answer_forces_a_value_and_one_only() -> None:
     [("What is the special magic number for x?", "one"), ("Which number unlocks the safe?", "one"),
      ("What are all the special magic numbers for a, b, and c?", "many"), ("Give me the UUIDs of the jobs", "many"),
      ("What is the vault code?", "one"), ("Who waters the pears?", None), ("What is this essay about?", None),
-     ("Is this number-free?", "one"), ("Numbers aside, who won?", "many")],
+     ("Is this number-free?", None), ("Numbers aside, who won?", None), ("Why does the code fail?", None),
+     ("Explain the id scheme", None), ("  which PIN opens it", "one"), ("What does the code do?", "one"), ("", None)],
 )  # fmt: skip
 def test_value_question(question: str, kind: str | None) -> None:
     assert value_question(question) == kind
