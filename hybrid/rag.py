@@ -451,11 +451,18 @@ class HybridRAG:
         return [float(len(q & content_words(t))) for t in texts]
 
     def _decide(self, question: str, route: str) -> Any:
+        """The caller's route, or the router's; with value answers on, the router's comprehension becomes fused
+        for a value question: the corpus memory does not keep exact values, the sources do."""
+        from hybrid.extractive import value_question
         from router import RouteDecision
 
-        if route == "auto":
-            return self.router.route(question)
-        return RouteDecision(route=route, confidence=1.0, reason="route chosen by the caller")
+        if route != "auto":
+            return RouteDecision(route=route, confidence=1.0, reason="route chosen by the caller")
+        d = self.router.route(question)
+        if d.route == "comprehension" and self.config.reader.value_answers and value_question(question):
+            why = f"{d.reason}; a value question: fused, so the values come from sources"
+            return dataclasses.replace(d, route="fused", reason=why)
+        return d
 
     def _plan(
         self, question: str, route: str, top_k: int | None, max_new_tokens: int | None, answer_start: str

@@ -375,3 +375,26 @@ def test_similarity_is_the_index_embedders_cosine(tmp_path, model, tok):
     v = emb.encode([q, *texts])
     want = [float(np.dot(v[0], x)) for x in v[1:]]
     assert rag._similarity(q, texts) == pytest.approx(want, abs=1e-6) and len(set(want)) > 1
+
+
+def test_value_question_routed_to_comprehension_reads_sources_too(tmp_path, model, tok):
+    """A router that says comprehension: a value question is answered fused (memory + sources, the value rule),
+    other questions and a caller's explicit route are left alone; the same with value answers off."""
+    from hybrid.reader import ReaderConfig
+    from router import RouteDecision
+
+    class Always:
+        def route(self, q: str) -> RouteDecision:
+            return RouteDecision(route="comprehension", confidence=0.9, reason="stub")
+
+    from retrieval import Index
+
+    config = HybridConfig(search_mode="bm25", max_new_tokens=6, top_k=3, read_block_tokens=64)
+    rag = HybridRAG(model, tok, Index.create(tmp_path / "s", dense=False), config=config, router=Always())
+    rag.ingest(DOCS)
+    ans = rag.answer("What is the code of the vault?")
+    assert ans.route == "fused" and "value question" in ans.decision.reason and ans.sources
+    assert rag.answer("Who waters the pears?").route == "comprehension"
+    assert rag.answer("What is the code of the vault?", route="comprehension").route == "comprehension"
+    rag.config.reader = ReaderConfig(value_answers=False)
+    assert rag.answer("What is the code of the vault?").route == "comprehension"
