@@ -62,6 +62,16 @@ def _core(word: str) -> str:
     return word.strip(BOUNDARY_CHARS)
 
 
+def _digit_words(text: str) -> set[str]:
+    """The cores of ``text``'s words that hold a digit (the values a rule may copy)."""
+    return {c for c in map(_core, text.split()) if _has_digit(c)}
+
+
+def _prefixes(words: Iterable[str]) -> set[str]:
+    """Every non-empty prefix of every word."""
+    return {w[:i] for w in words for i in range(1, len(w) + 1)}
+
+
 class ValueCopy:
     """The rule of the module doc over the sources' text. Use: ``mask()`` before each step, then
     ``advance(token)`` with the token chosen."""
@@ -71,9 +81,8 @@ class ValueCopy:
     ) -> None:
         if not source_text.strip():
             raise ValueError("ValueCopy needs source text to copy from")
-        cores = [_core(w) for w in source_text.split()]
-        self.complete = {c for c in cores if _has_digit(c)}  # digit words of the sources
-        self.prefixes = {c[:i] for c in self.complete for i in range(1, len(c) + 1)}
+        self.complete = _digit_words(source_text)  # digit words of the sources
+        self.prefixes = _prefixes(self.complete)
         self.texts = list(texts)
         self.stop = sorted({int(t) for t in stop_ids})
         V = len(self.texts)
@@ -162,7 +171,7 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])(?:\s+|(?=[A-Z\"']))|\n+")
 def value_sentences(text: str) -> list[str]:
     """The sentences of ``text`` that hold a value (a word with a digit), in order."""
     parts = (p.strip() for p in _SENTENCE_END.split(text))
-    return [p for p in parts if p and any(_has_digit(_core(w)) for w in p.split())]
+    return [p for p in parts if _digit_words(p)]
 
 
 def best_value_sentence(
@@ -203,11 +212,10 @@ class ValueAnswer:
     def __init__(
         self, source_text: str, texts: Sequence[str], *, stop_ids: Iterable[int], single: bool
     ) -> None:
-        cores = [_core(w) for w in source_text.split()]
-        self.complete = {c for c in cores if _has_digit(c)}
+        self.complete = _digit_words(source_text)
         if not self.complete:
             raise ValueError("ValueAnswer needs a value (a word with a digit) in the source text")
-        self.prefixes = {c[:i] for c in self.complete for i in range(1, len(c) + 1)}
+        self.prefixes = _prefixes(self.complete)
         chars = set("".join(self.complete)) | set(BOUNDARY_CHARS)
         self.texts, self.single = list(texts), single
         self.stop = sorted({int(t) for t in stop_ids})
@@ -271,6 +279,5 @@ class ValueAnswer:
             self.after_sep = not core
             if core:
                 self.written.append(core)
-                left = self.complete - set(self.written)
-                self.left_prefixes = {v[:i] for v in left for i in range(1, len(v) + 1)}
+                self.left_prefixes = _prefixes(self.complete - set(self.written))
         self.open = parts[-1] if ends_open else ""

@@ -435,7 +435,7 @@ class HybridRAG:
                 pass
         if not reader.extractive or plan["route"] != "lookup":
             return None
-        n_top = self.config.reader.extractive_sources
+        n_top = reader.extractive_sources
         if n_top is None:
             source = self.tokenizer.decode(p.ids[p.body[0] : p.body[1]])
         else:  # the top-ranked sources only (ranked order = marker order)

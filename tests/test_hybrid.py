@@ -33,6 +33,26 @@ DOCS = [
 ]
 
 
+def greedy_reference(model, prompt_ids, eos_id, adjust, steps=6) -> list[int]:
+    """Greedy decoding with the plain forward recomputed from scratch every step (no cache, no TTT state);
+    ``adjust(logits, out)`` returns the logits to choose from given the tokens chosen so far."""
+    ids, out = torch.tensor([prompt_ids]), []
+    with torch.no_grad():
+        for _ in range(steps):
+            nxt = int(adjust(model(ids)[0, -1], out).argmax())
+            if nxt == eos_id:
+                break
+            out.append(nxt)
+            ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+    return out
+
+
+def keep_only(logits, ok: set[int]):
+    """``logits`` with every token outside ``ok`` set to -inf."""
+    logits[[t for t in range(logits.shape[0]) if t not in ok]] = float("-inf")
+    return logits
+
+
 @pytest.fixture(scope="module")
 def tok():
     from ttt.tokenizer import Tokenizer
@@ -116,21 +136,15 @@ def test_reader_decodes_with_base_weights(tmp_path, model, tok, mode):
     texts = token_texts(tok, model.cfg.vocab_size)
     source = tok.decode(body) if top is None else prompt.sources[0].text
     bare = build_prompt(q, [], tok, budget=token_budget(model.cfg.window, 6, rag.config.reader)).ids
-    ids = torch.tensor([prompt.ids])
-    out: list[int] = []
-    with torch.no_grad():
-        for _ in range(6):
-            logits = model(ids)[0, -1]
-            if mode == "contrast":
-                logits = 1.5 * logits - 0.5 * model(torch.tensor([bare + out]))[0, -1]
-            if extractive:
-                ok = allowed(start + tok.decode(out), source, texts, tok.eos_id)
-                logits[[t for t in range(logits.shape[0]) if t not in ok]] = float("-inf")
-            nxt = int(logits.argmax())
-            if nxt == tok.eos_id:
-                break
-            out.append(nxt)
-            ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+
+    def adjust(logits, out):
+        if mode == "contrast":
+            logits = 1.5 * logits - 0.5 * model(torch.tensor([bare + out]))[0, -1]
+        if extractive:
+            logits = keep_only(logits, allowed(start + tok.decode(out), source, texts, tok.eos_id))
+        return logits
+
+    out = greedy_reference(model, prompt.ids, tok.eos_id, adjust)
     assert ans.text == tok.decode(out)
     assert ans.usage["completion_tokens"] == len(out)
 
@@ -297,9 +311,9 @@ def test_value_answers_decode_source_values_only(tmp_path, model, tok, q, single
     """``value_answers``: a value question's answer equals greedy decoding (plain forward) restricted by the
     brute-force strict rule: values of the top source (a plural noun: of every source), punctuation, and a stop
     only after a complete value."""
-    from copy_reference import allowed_strict
+    from copy_reference import allowed_strict, digit_words
 
-    from hybrid.extractive import token_texts
+    from hybrid.extractive import ValueAnswer, best_value_sentence, token_texts
     from hybrid.reader import ReaderConfig, build_prompt, token_budget
 
     rag = make_rag(tmp_path, model, tok)
@@ -309,27 +323,18 @@ def test_value_answers_decode_source_values_only(tmp_path, model, tok, q, single
     hits = rag.index.search(q, k=3, mode="bm25")
     prompt = build_prompt(q, hits, tok, budget=token_budget(model.cfg.window, 6, rag.config.reader))
     assert "7731" in prompt.sources[0].text, "the vault chunk must rank first for this check"
-    from hybrid.extractive import best_value_sentence
-
     top = best_value_sentence(q, prompt.sources[0].text, rag._similarity)
     source = top if single else "\n".join(s.text for s in prompt.sources)
     texts = token_texts(tok, model.cfg.vocab_size)
-    ids, out = torch.tensor([prompt.ids]), []
-    with torch.no_grad():
-        for _ in range(6):
-            logits = model(ids)[0, -1]
-            ok = allowed_strict(tok.decode(out), source, texts, tok.eos_id, single)
-            logits[[t for t in range(logits.shape[0]) if t not in ok]] = float("-inf")
-            nxt = int(logits.argmax())
-            if nxt == tok.eos_id:
-                break
-            out.append(nxt)
-            ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+    out = greedy_reference(
+        model,
+        prompt.ids,
+        tok.eos_id,
+        lambda logits, out: keep_only(
+            logits, allowed_strict(tok.decode(out), source, texts, tok.eos_id, single)
+        ),
+    )
     assert ans.text == tok.decode(out) and any(ch.isdigit() for ch in ans.text)
-    from copy_reference import digit_words
-
-    from hybrid.extractive import ValueAnswer
-
     plan = {"route": "fused", "prompt": prompt, "question": q, "answer_start": ""}
     rule = rag._constraint(plan)  # the fused route's sources get the same rule
     assert isinstance(rule, ValueAnswer) and rule.complete == digit_words(source) and rule.single == single

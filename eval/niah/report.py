@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from eval.common import run_metadata, write_results
+from eval.niah.systems import RAG_SYSTEMS
 
 log = logging.getLogger(__name__)
 GK_COLORS = ["#F0496E", "#EBB839", "#0CD79F"]  # gkamradt's red -> yellow -> green
@@ -197,14 +198,10 @@ def write_report(
 
 
 # ---- README material ---------------------------------------------------------------------------------------
+# hybrid first, its ablations (RAG_SYSTEMS order), then fused and the rest
 SYSTEM_ORDER = (
     "hybrid",
-    "hybrid-prefix",
-    "hybrid-copy",
-    "hybrid-copy1",
-    "hybrid-value",
-    "hybrid-free",
-    "hybrid-cad",
+    *(s for s in RAG_SYSTEMS if s not in ("hybrid", "fused")),
     "fused",
     "retrieval",
     "bm25",

@@ -47,23 +47,6 @@ from eval.niah.tasks import TASKS, Sample
 
 log = logging.getLogger(__name__)
 
-SYSTEMS = (
-    "ttt",
-    "swa",
-    "full",
-    "retrieval",
-    "bm25",
-    "dense",
-    "regex",
-    "hybrid",
-    "fused",
-    "hybrid-prefix",
-    "hybrid-copy",
-    "hybrid-copy1",
-    "hybrid-value",
-    "hybrid-free",
-    "hybrid-cad",
-)
 RAG_SYSTEMS = (
     "hybrid",
     "fused",
@@ -74,6 +57,7 @@ RAG_SYSTEMS = (
     "hybrid-free",
     "hybrid-cad",
 )  # each a HybridRAG per sample
+SYSTEMS = ("ttt", "swa", "full", "retrieval", "bm25", "dense", "regex", *RAG_SYSTEMS)
 GENERATIVE = ("ttt", "swa", "full", "retrieval", *RAG_SYSTEMS)
 
 
