@@ -35,7 +35,9 @@ values and separators only, so the reader can no longer restate the key instead 
 alone left (README, NIAH: s-niah-1/2/3 100 / 93 / 86 against 86 / 93 / 71 free on 137 paired GPU samples). A
 single value comes from one sentence: of the top source's sentences that hold a value, the one closest to the
 question (``best_value_sentence``), which keeps "40 years ago" and other keys' needles out (CPU seed 7: 68.25
-against 56.25 of 81 NIAH samples).
+against 56.25 of 81 NIAH samples); where that sentence holds several values, the clause that leads up to a value
+and is closest to the question (``value_clauses``): a haystack cut mid-sentence glues the needle onto "... than it
+was 40 years", the last two CPU grid misses.
 """
 
 from __future__ import annotations
@@ -174,18 +176,52 @@ def value_sentences(text: str) -> list[str]:
     return [p for p in parts if _digit_words(p)]
 
 
+def value_clauses(sentence: str, known: Iterable[str] = ()) -> list[str]:
+    """``sentence`` cut after each of its values: clause i runs from the word after value i-1 through value i;
+    words after the last value stay with the last clause. One clause when the sentence holds fewer than two
+    distinct values. A haystack cut mid-sentence glues a needle onto the previous sentence ("... than it was 40
+    years One of the special magic numbers for ... is: 7797027."), so each value is judged by the words that lead
+    up to it, the way a fact states a key then its value. Values in ``known`` (those the question states: a key
+    such as "the uuid for be8c2194-...") are words like any other: they neither end a clause nor count."""
+    words, known = sentence.split(), set(known)
+    if len(_digit_words(sentence) - known) < 2:
+        return [sentence] if words else []
+    clauses: list[list[str]] = [[]]
+    for w in words:
+        clauses[-1].append(w)
+        if _has_digit(_core(w)) and _core(w) not in known:
+            clauses.append([])
+    if not clauses[-1]:
+        clauses.pop()
+    elif len(clauses) > 1:  # trailing words without a value: part of the last value's clause
+        clauses[-2].extend(clauses.pop())
+    return [" ".join(c) for c in clauses]
+
+
+def _most_similar(
+    question: str, texts: list[str], similarity: Callable[[str, list[str]], Sequence[float]]
+) -> str:
+    """The text most similar to ``question`` (the first on ties; one text is returned without asking)."""
+    if len(texts) == 1:
+        return texts[0]
+    scores = list(similarity(question, texts))
+    assert len(scores) == len(texts), f"similarity gave {len(scores)} scores for {len(texts)} texts"
+    return texts[max(range(len(texts)), key=lambda i: scores[i])]
+
+
 def best_value_sentence(
     question: str, text: str, similarity: Callable[[str, list[str]], Sequence[float]]
 ) -> str | None:
-    """The sentence of ``text`` with a value that is most similar to ``question`` (the first on ties); None when
-    no sentence holds a value. A single-value answer takes its candidates from it: a chunk that holds the
-    needle often holds other numbers too ("more addictive than it was 40 years ago")."""
+    """The span of ``text`` a single-value answer takes its candidates from; None when ``text`` holds no value.
+    First the sentence with a value that is most similar to ``question`` (a chunk that holds the needle often
+    holds other numbers too: "more addictive than it was 40 years ago"); then, when that sentence holds several
+    values the question does not state, its ``value_clauses`` clause most similar to ``question``. Ties go to the
+    first."""
     sents = value_sentences(text)
-    if len(sents) <= 1:
-        return sents[0] if sents else None
-    scores = list(similarity(question, sents))
-    assert len(scores) == len(sents), f"similarity gave {len(scores)} scores for {len(sents)} sentences"
-    return sents[max(range(len(sents)), key=lambda i: scores[i])]
+    if not sents:
+        return None
+    clauses = value_clauses(_most_similar(question, sents, similarity), known=_digit_words(question))
+    return _most_similar(question, clauses, similarity)
 
 
 def _split(word: str) -> tuple[int, str, int]:

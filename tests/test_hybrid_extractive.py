@@ -13,6 +13,7 @@ from hybrid.extractive import (
     ValueCopy,
     best_value_sentence,
     token_texts,
+    value_clauses,
     value_question,
     value_sentences,
 )
@@ -198,3 +199,49 @@ def test_best_value_sentence_takes_the_most_similar_one() -> None:
         best_value_sentence("red door", "A red door. It opens with 7731.", overlap) == "It opens with 7731."
     )
     assert best_value_sentence("red door", "no value here.", overlap) is None and not calls
+
+
+@pytest.mark.parametrize(
+    "sentence,clauses",
+    [("The world is more addictive than it was 40 years One of the magic numbers for x-ray is: 7797027.",
+      ["The world is more addictive than it was 40", "years One of the magic numbers for x-ray is: 7797027."]),
+     ("In 1990, the code for X was 4411 exactly.", ["In 1990,", "the code for X was 4411 exactly."]),
+     ("Codes 12 and 12 repeat.", ["Codes 12 and 12 repeat."]),  # one distinct value: the whole sentence
+     ("It was 40 years ago.", ["It was 40 years ago."]), ("", [])],
+)  # fmt: skip
+def test_value_clauses(sentence: str, clauses: list[str]) -> None:
+    got = value_clauses(sentence)
+    assert got == clauses
+    assert " ".join(got).split() == sentence.split()  # a partition of the words, in order
+
+
+def test_value_clauses_keep_values_the_question_states() -> None:
+    """A key the question names (mk-niah-3: "the uuid for <key>") neither ends a clause nor counts as a value."""
+    s = "One of the magic uuids for be8c-21 is: fe11-6d. Then 7 more."
+    assert value_clauses(s, known={"be8c-21"}) == [
+        "One of the magic uuids for be8c-21 is: fe11-6d.",
+        "Then 7 more.",
+    ]
+    assert value_clauses("The uuid for be8c-21 is: fe11-6d.", known={"be8c-21"}) == [
+        "The uuid for be8c-21 is: fe11-6d."
+    ]
+    assert value_clauses(s) == ["One of the magic uuids for be8c-21", "is: fe11-6d.", "Then 7 more."]
+
+
+def test_best_value_sentence_narrows_a_glued_sentence_to_the_clause_of_its_value() -> None:
+    """A needle glued onto a cut essay sentence: the clause that leads up to the asked value wins over the
+    sentence's other number, whose clause shares no words with the question (a bug returning the whole sentence
+    or the first clause fails)."""
+
+    def overlap(q: str, sents: list[str]) -> list[float]:
+        words = set(q.lower().rstrip("?").split())
+        return [float(len(words & set(s.lower().split()))) for s in sents]
+
+    text = "Short one here. Addiction grew for 40 years One of the magic numbers for x-ray is: 7797027."
+    got = best_value_sentence("what is the magic number for x-ray?", text, overlap)
+    assert got == "years One of the magic numbers for x-ray is: 7797027."
+    # the key the question states is no candidate clause: the whole key-value sentence stays
+    q = "what is the magic uuid for be8c-21?"
+    assert best_value_sentence(q, "The magic uuid for be8c-21 is: fe11-6d.", overlap) == (
+        "The magic uuid for be8c-21 is: fe11-6d."
+    )
