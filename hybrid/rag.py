@@ -37,6 +37,7 @@ from hybrid.errors import (
     NotIngestedError,
     UnknownRouteError,
 )
+from hybrid.extractive import value_question
 from hybrid.memory import CorpusMemory, MemoryMeta, text_sha1
 from hybrid.reader import (
     ReaderConfig,
@@ -418,19 +419,32 @@ class HybridRAG:
         p, reader = plan["prompt"], self.config.reader
         if not p.sources or not (reader.extractive or reader.value_answers):
             return None
-        from hybrid.extractive import ValueAnswer, ValueCopy, best_value_sentence, token_texts, value_question
+        from hybrid.extractive import (
+            ValueAnswer,
+            ValueCopy,
+            best_value_sentence,
+            digit_words,
+            relevant_value_units,
+            token_texts,
+        )
 
         if self._token_texts is None:
             self._token_texts = token_texts(self.tokenizer, self.model.cfg.vocab_size)
         stop = [] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id]
         kind = value_question(plan["question"]) if reader.value_answers else None
         if kind is not None:  # lookup or fused: whatever route put sources in the prompt
+            q, known = plan["question"], ()
             if kind == "one":  # the top source's sentence with a value that is closest to the question
-                text = best_value_sentence(plan["question"], p.sources[0].text, self._similarity) or ""
-            else:
-                text = "\n".join(s.text for s in p.sources)
+                text = best_value_sentence(q, p.sources[0].text, self._similarity) or ""
+            else:  # every value of the sources' units that stand out as relevant, none the question states
+                text = "\n".join(
+                    relevant_value_units(q, "\n".join(s.text for s in p.sources), self._similarity)
+                )
+                known = digit_words(q)
             try:
-                return ValueAnswer(text, self._token_texts, stop_ids=stop, single=kind == "one")
+                return ValueAnswer(
+                    text, self._token_texts, stop_ids=stop, single=kind == "one", exhaustive=True, known=known
+                )
             except ValueError:  # no value in those sources: the configured rule below
                 pass
         if not reader.extractive or plan["route"] != "lookup":
@@ -453,7 +467,6 @@ class HybridRAG:
     def _decide(self, question: str, route: str) -> Any:
         """The caller's route, or the router's; with value answers on, the router's comprehension becomes fused
         for a value question: the corpus memory does not keep exact values, the sources do."""
-        from hybrid.extractive import value_question
         from router import RouteDecision
 
         if route != "auto":
@@ -480,7 +493,10 @@ class HybridRAG:
             raise InvalidQuestionError(f"top_k and max_new_tokens must be integers >= 1, got {k}, {max_new}")
         if not self.index.documents():
             raise NotIngestedError("no documents ingested yet: call ingest() before answer()")
-        budget = token_budget(self.model.cfg.window, max_new, self.config.reader)
+        reserve = max_new  # answer tokens the prompt leaves room for in the window
+        if self.config.reader.value_answers and value_question(q) == "many":  # a short list: more sources
+            reserve = min(max_new, self.config.reader.list_answer_tokens)
+        budget = token_budget(self.model.cfg.window, reserve, self.config.reader)
         if budget < 8:
             raise InvalidQuestionError(f"max_new_tokens={max_new} leaves no room for a prompt in the window")
         reader, start = self.config.reader, answer_start

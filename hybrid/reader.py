@@ -69,11 +69,15 @@ class ReaderConfig:
     # True: a question answered from sources (lookup, fused) that asks for a value by its type noun (number,
     # code, id, uuid, ...: ``hybrid.extractive.value_question``) is answered with values of the sources only
     # (``ValueAnswer``): one from the top-ranked source's value sentence closest to the question
-    # (``best_value_sentence``), or for a plural noun a list from all the numbered
-    # sources. Other questions, or no value in those sources: as configured above. On by default: on NIAH it
-    # beat free generation (CPU, held-out seed 7, 81 paired samples: 55.5 vs 45.75 correct, no task lower; GPU,
+    # (``best_value_sentence``), or for a plural noun a list of every value of the sources' units that stand
+    # out as relevant (``relevant_value_units``), all of them before it may stop. Other questions, or no value
+    # in those sources: as configured above. On by default: on NIAH it beat free generation (CPU, held-out seed 7, 81 paired samples: 55.5 vs 45.75 correct, no task lower; GPU,
     # 137 paired samples: README)
     value_answers: bool = True
+    # with ``value_answers``: a plural value question ("all the numbers for X") keeps room for only this many
+    # answer tokens when its prompt is built, whatever max_new_tokens is, so more sources (and their values) fit
+    # the window; a longer list slides the prompt's first tokens out of the attention window as it grows
+    list_answer_tokens: int = 48
     # a > 0: context-aware decoding of lookup answers (ttt.generate.generate_iter contrast_alpha): choices from
     # (1 + a) * logits - a * the logits without the sources (no net effect measured on NIAH: off by default)
     context_contrast: float = 0.0
@@ -82,6 +86,7 @@ class ReaderConfig:
         assert self.max_prompt_tokens >= 8, f"max_prompt_tokens must be >= 8, got {self.max_prompt_tokens}"
         assert self.min_chunk_tokens >= 1, f"min_chunk_tokens must be >= 1, got {self.min_chunk_tokens}"
         assert 0.0 <= self.min_overlap_frac <= 1.0, f"min_overlap_frac not in [0,1]: {self.min_overlap_frac}"
+        assert self.list_answer_tokens >= 1, f"list_answer_tokens must be >= 1, got {self.list_answer_tokens}"
         assert self.context_contrast >= 0.0, f"context_contrast must be >= 0, got {self.context_contrast}"
         assert self.extractive_sources is None or self.extractive_sources >= 1, (
             f"extractive_sources must be None or >= 1, got {self.extractive_sources}"

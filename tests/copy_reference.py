@@ -40,11 +40,11 @@ def _parts(word: str) -> tuple[str, str, str]:
     return word[:i], core, word[i + len(core) :]
 
 
-def valid_strict(answer: str, source: str, single: bool) -> bool:
+def valid_strict(answer: str, source: str, single: bool, known: frozenset[str] = frozenset()) -> bool:
     """Value answers: words are values (at most one punctuation character on either side; each value once; the
     open word a prefix of a value not written yet) or separators (one punctuation character, after a value, not
-    after another separator); ``single``: at most one value."""
-    words = digit_words(source)
+    after another separator); ``single``: at most one value; values in ``known`` are none."""
+    words = digit_words(source) - known
     parts = answer.split()
     ends_open = bool(answer) and not answer[-1].isspace()
     finished: list[str] = []
@@ -69,20 +69,35 @@ def valid_strict(answer: str, source: str, single: bool) -> bool:
     return True
 
 
-def can_stop_strict(answer: str, source: str) -> bool:
+def can_stop_strict(
+    answer: str, source: str, exhaustive: bool = False, known: frozenset[str] = frozenset()
+) -> bool:
     """A value answer may end once it holds a value and no value is half-written (an open word that is a value
-    not named before counts as complete)."""
-    words = digit_words(source)
+    not named before counts as complete); ``exhaustive``: once it holds every value."""
+    words = digit_words(source) - known
     cores = [w.strip(BOUNDARY) for w in answer.split()]
     if not any(cores):
+        return False
+    if exhaustive and {c for c in cores if c} != words:
         return False
     if answer[-1].isspace() or cores[-1] == "":
         return True
     return cores[-1] in words and cores[-1] not in cores[:-1]
 
 
-def allowed_strict(answer: str, source: str, texts: list[str], stop: int, single: bool) -> set[int]:
+def allowed_strict(
+    answer: str,
+    source: str,
+    texts: list[str],
+    stop: int,
+    single: bool,
+    exhaustive: bool = False,
+    known: frozenset[str] = frozenset(),
+) -> set[int]:
     ok = {
-        i for i, x in enumerate(texts) if i != stop and x.strip() and valid_strict(answer + x, source, single)
+        i
+        for i, x in enumerate(texts)
+        if i != stop and x.strip() and valid_strict(answer + x, source, single, known)
     }
-    return ok | ({stop} if can_stop_strict(answer, source) or not ok else set())
+    can_stop = can_stop_strict(answer, source, exhaustive and not single, known)
+    return ok | ({stop} if can_stop or not ok else set())

@@ -313,7 +313,7 @@ def test_value_answers_decode_source_values_only(tmp_path, model, tok, q, single
     only after a complete value."""
     from copy_reference import allowed_strict, digit_words
 
-    from hybrid.extractive import ValueAnswer, best_value_sentence, token_texts
+    from hybrid.extractive import ValueAnswer, best_value_sentence, relevant_value_units, token_texts
     from hybrid.reader import ReaderConfig, build_prompt, token_budget
 
     rag = make_rag(tmp_path, model, tok)
@@ -324,14 +324,15 @@ def test_value_answers_decode_source_values_only(tmp_path, model, tok, q, single
     prompt = build_prompt(q, hits, tok, budget=token_budget(model.cfg.window, 6, rag.config.reader))
     assert "7731" in prompt.sources[0].text, "the vault chunk must rank first for this check"
     top = best_value_sentence(q, prompt.sources[0].text, rag._similarity)
-    source = top if single else "\n".join(s.text for s in prompt.sources)
+    units = relevant_value_units(q, "\n".join(s.text for s in prompt.sources), rag._similarity)
+    source = top if single else "\n".join(units)
     texts = token_texts(tok, model.cfg.vocab_size)
     out = greedy_reference(
         model,
         prompt.ids,
         tok.eos_id,
         lambda logits, out: keep_only(
-            logits, allowed_strict(tok.decode(out), source, texts, tok.eos_id, single)
+            logits, allowed_strict(tok.decode(out), source, texts, tok.eos_id, single, exhaustive=True)
         ),
     )
     assert ans.text == tok.decode(out) and any(ch.isdigit() for ch in ans.text)
@@ -403,3 +404,22 @@ def test_value_question_routed_to_comprehension_reads_sources_too(tmp_path, mode
     assert rag.answer("What is the code of the vault?", route="comprehension").route == "comprehension"
     rag.config.reader = ReaderConfig(value_answers=False)
     assert rag.answer("What is the code of the vault?").route == "comprehension"
+
+
+def test_a_list_question_keeps_room_for_a_short_answer_only(tmp_path, model, tok):
+    """A plural value question reserves ``list_answer_tokens`` of the window for its answer, not the caller's
+    ``max_new_tokens``: its prompt holds more sources, and still ends that many tokens before the window does."""
+    from hybrid.reader import ReaderConfig
+
+    rag = make_rag(tmp_path, model, tok)
+    rag.ingest(DOCS)
+    q, window, reserve = "Which codes open the vault under the mill?", model.cfg.window, 48
+    rag.config.reader = ReaderConfig(value_answers=True, list_answer_tokens=reserve)
+    listed = rag._plan(q, "lookup", 4, 200, "")["prompt"]
+    rag.config.reader = ReaderConfig(value_answers=False)
+    plain = rag._plan(q, "lookup", 4, 200, "")["prompt"]
+    assert len(plain.ids) <= window - 200 < len(listed.ids) <= window - reserve
+    assert len(listed.sources) > len(plain.sources)
+    rag.config.reader = ReaderConfig(value_answers=True, list_answer_tokens=reserve)
+    one = rag._plan("Which code opens the vault under the mill?", "lookup", 4, 200, "")["prompt"]
+    assert len(one.ids) <= window - 200  # a single value: the caller's reserve

@@ -6,12 +6,13 @@ import random
 
 import pytest
 import torch
-from copy_reference import allowed, allowed_strict, valid, valid_strict
+from copy_reference import allowed, allowed_strict, digit_words, valid, valid_strict
 
 from hybrid.extractive import (
     ValueAnswer,
     ValueCopy,
     best_value_sentence,
+    relevant_value_units,
     token_texts,
     value_clauses,
     value_question,
@@ -109,32 +110,36 @@ def test_token_texts_and_bad_sources() -> None:
         ValueCopy("  ", TEXTS, stop_ids=[0])
 
 
-@pytest.mark.parametrize("single", [True, False])
+@pytest.mark.parametrize("single,exhaustive", [(True, False), (False, False), (False, True)])
 @pytest.mark.parametrize("seed", range(15))
-def test_value_answer_mask_equals_brute_force(seed: int, single: bool) -> None:
+def test_value_answer_mask_equals_brute_force(seed: int, single: bool, exhaustive: bool) -> None:
     """Value answers: at every step of a random walk the mask equals the reference, every answer written is
-    valid, and the walk can only stop holding a complete source value."""
+    valid, and the walk can only stop holding a complete source value (``exhaustive``: all of them); a value
+    the question states (``known``, on odd seeds) is never written."""
     rng = random.Random(seed)
     src = (
         SOURCE if seed % 3 else "".join(rng.choice(TEXTS[5:12] + [" "]) for _ in range(rng.randrange(4, 16)))
     )
     if not any(ch.isdigit() for ch in src):
         src += " 15"
-    c = ValueAnswer(src, TEXTS, stop_ids=[0], single=single)
+    known = frozenset(sorted(digit_words(src))[:1]) if seed % 2 and len(digit_words(src)) > 1 else frozenset()
+    c = ValueAnswer(src, TEXTS, stop_ids=[0], single=single, exhaustive=exhaustive, known=known)
     answer = ""
-    for _ in range(25):
+    for _ in range(40):
         got = mask_set(c)
-        assert got == allowed_strict(answer, src, TEXTS, 0, single), (src, answer)
+        assert got == allowed_strict(answer, src, TEXTS, 0, single, exhaustive, known), (src, answer)
         t = rng.choice(sorted(got))
         if t == 0:
             if got == {0}:  # a dead end of the toy vocabulary (no token finishes "40s"): stop is the way out
                 break
             cores = [w.strip(",.;:!?()[]{}\"'") for w in answer.split()]
             assert [w for w in cores if w] and all(w in c.complete for w in cores if w), answer
+            assert not exhaustive or {w for w in cores if w} == c.complete, answer
+            assert not known & set(cores), answer
             break
         c.advance(t)
         answer += TEXTS[t]
-        assert valid_strict(answer, src, single)
+        assert valid_strict(answer, src, single, known)
 
 
 def test_value_answer_forces_a_value_and_one_only() -> None:
@@ -245,3 +250,30 @@ def test_best_value_sentence_narrows_a_glued_sentence_to_the_clause_of_its_value
     assert best_value_sentence(q, "The magic uuid for be8c-21 is: fe11-6d.", overlap) == (
         "The magic uuid for be8c-21 is: fe11-6d."
     )
+
+
+def test_relevant_value_units_take_the_cluster_above_the_widest_gap() -> None:
+    """The units scored above the widest gap (a floor of 0 below the lowest), in text order; the question's own
+    values stay inside their units. A bug that cuts at the first gap, drops the floor or reorders fails."""
+
+    def overlap(q: str, units: list[str]) -> list[float]:
+        words = set(q.lower().rstrip("?").split())
+        return [float(len(words & set(u.lower().rstrip(".").split()))) for u in units]
+
+    text = (
+        "It was 40 years ago. The magic numbers for red door is 11. The magic numbers for red door is 22.\n"
+        "Prices rose 5 percent. One magic numbers for red door is 33."
+    )
+    q = "what are all the magic numbers for red door?"
+    assert relevant_value_units(q, text, overlap) == [
+        "The magic numbers for red door is 11.",
+        "The magic numbers for red door is 22.",
+        "One magic numbers for red door is 33.",
+    ]
+    alike = "The red door is 11. The red door is 22."  # no gap between them: the floor keeps both
+    assert relevant_value_units("red door numbers?", alike, overlap) == alike.replace(". ", ".|").split("|")
+    keyed = "The magic numbers for 7x is 11. It was 40 years ago."  # 7x, stated, does not split its sentence
+    assert relevant_value_units("what are the magic numbers for 7x?", keyed, overlap) == [
+        "The magic numbers for 7x is 11."
+    ]
+    assert relevant_value_units("anything?", "no values here.", overlap) == []
