@@ -39,9 +39,11 @@ against 56.25 of 81 NIAH samples); where that sentence holds several values, the
 and is closest to the question (``value_clauses``): a haystack cut mid-sentence glues the needle onto "... than it
 was 40 years", the last two CPU grid misses. A list ("all the numbers for X", a plural noun) takes every value of
 the units that stand out as relevant (``relevant_value_units``) and may stop only once it holds all of them
-(``ValueAnswer(exhaustive=True)``); the values the question states are none of its values. With the shorter answer
-reserve of a list question (``ReaderConfig.list_answer_tokens``), CPU mv+mq-niah 12.75 vs 10.25 of 18 (seed 7)
-and 13.75 vs 11.0 (seed 42), no answer worse: the reader had stopped after two of four values.
+(``ValueAnswer(exhaustive=True)``). With the short answer reserve of a value question
+(``ReaderConfig.value_answer_tokens``, so more sources fit the window), CPU mv+mq-niah 12.75 vs 10.25 of 18 (seed 7)
+and 13.75 vs 11.0 (seed 42), no answer worse: the reader had stopped after two of four values. A value the question
+states (its key: "the uuid for be8c2194-...") is never the answer, unless the source holds no other; a single
+value prefers the sentence, in any source, that holds that key and another value.
 """
 
 from __future__ import annotations
@@ -214,18 +216,33 @@ def _most_similar(
 
 
 def best_value_sentence(
-    question: str, text: str, similarity: Callable[[str, list[str]], Sequence[float]]
+    question: str,
+    text: str,
+    similarity: Callable[[str, list[str]], Sequence[float]],
+    *,
+    more: Sequence[str] = (),
 ) -> str | None:
-    """The span of ``text`` a single-value answer takes its candidates from; None when ``text`` holds no value.
-    First the sentence with a value that is most similar to ``question`` (a chunk that holds the needle often
-    holds other numbers too: "more addictive than it was 40 years ago"); then, when that sentence holds several
-    values the question does not state, its ``value_clauses`` clause most similar to ``question``. Ties go to the
-    first."""
+    """The span of ``text`` (the top source) a single-value answer takes its candidates from; None when no
+    source holds a value. First the sentence most similar to ``question`` among: the sentences of ``text`` and
+    ``more`` (the other sources, in rank order) that hold a value the question states (its key, "the uuid for
+    be8c2194-...") and one it does not; else the sentences of ``text`` with a value the question does not state
+    (a chunk that holds the needle often holds other numbers too: "more addictive than it was 40 years ago");
+    else any of its sentences with a value. Then, when that sentence holds several values the question does not
+    state, its ``value_clauses`` clause most similar to ``question``. Ties go to the first."""
+    known = digit_words(question)
+    keyed = [
+        s
+        for t in (text, *more)
+        for s in value_sentences(t)
+        if digit_words(s) & known and digit_words(s) - known
+    ]
     sents = value_sentences(text)
-    if not sents:
+    pool = keyed or [s for s in sents if digit_words(s) - known] or sents
+    if not pool:
         return None
-    clauses = value_clauses(_most_similar(question, sents, similarity), known=digit_words(question))
-    return _most_similar(question, clauses, similarity)
+    return _most_similar(
+        question, value_clauses(_most_similar(question, pool, similarity), known), similarity
+    )
 
 
 def value_units(text: str, known: Iterable[str] = ()) -> list[str]:
@@ -273,7 +290,8 @@ class ValueAnswer:
     allowed once a value is complete (no value is half-written); with ``exhaustive`` (a list, not ``single``),
     once every value is written. So the reader chooses which values (with ``exhaustive``: their order), never
     whether to answer with one, and cannot trail off into punctuation. ``mask()`` / ``advance()`` as
-    ``ValueCopy``. Values in ``known`` (those the question states) are no values of the answer.
+    ``ValueCopy``. Values in ``known`` (those the question states: "the uuid for be8c2194-...") are none of the
+    answer's, unless the source holds no other ("Which code, 4411 or 5522, opens it?").
     """
 
     def __init__(
@@ -286,7 +304,8 @@ class ValueAnswer:
         exhaustive: bool = False,
         known: Iterable[str] = (),
     ) -> None:
-        self.complete = digit_words(source_text) - set(known)
+        values = digit_words(source_text)
+        self.complete = (values - set(known)) or values
         self.exhaustive = exhaustive and not single
         if not self.complete:
             raise ValueError("ValueAnswer needs a value (a word with a digit) in the source text")

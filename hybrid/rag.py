@@ -432,18 +432,25 @@ class HybridRAG:
             self._token_texts = token_texts(self.tokenizer, self.model.cfg.vocab_size)
         stop = [] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id]
         kind = value_question(plan["question"]) if reader.value_answers else None
-        if kind is not None:  # lookup or fused: whatever route put sources in the prompt
-            q, known = plan["question"], ()
+        if (
+            kind is not None
+        ):  # lookup or fused: whatever route put sources in the prompt; not a value it states
+            q = plan["question"]
             if kind == "one":  # the top source's sentence with a value that is closest to the question
-                text = best_value_sentence(q, p.sources[0].text, self._similarity) or ""
-            else:  # every value of the sources' units that stand out as relevant, none the question states
+                more = [s.text for s in p.sources[1:]]
+                text = best_value_sentence(q, p.sources[0].text, self._similarity, more=more) or ""
+            else:  # every value of the sources' units that stand out as relevant
                 text = "\n".join(
                     relevant_value_units(q, "\n".join(s.text for s in p.sources), self._similarity)
                 )
-                known = digit_words(q)
             try:
                 return ValueAnswer(
-                    text, self._token_texts, stop_ids=stop, single=kind == "one", exhaustive=True, known=known
+                    text,
+                    self._token_texts,
+                    stop_ids=stop,
+                    single=kind == "one",
+                    exhaustive=True,
+                    known=digit_words(q),
                 )
             except ValueError:  # no value in those sources: the configured rule below
                 pass
@@ -494,8 +501,8 @@ class HybridRAG:
         if not self.index.documents():
             raise NotIngestedError("no documents ingested yet: call ingest() before answer()")
         reserve = max_new  # answer tokens the prompt leaves room for in the window
-        if self.config.reader.value_answers and value_question(q) == "many":  # a short list: more sources
-            reserve = min(max_new, self.config.reader.list_answer_tokens)
+        if self.config.reader.value_answers and value_question(q):  # values are short: more sources fit
+            reserve = min(max_new, self.config.reader.value_answer_tokens)
         budget = token_budget(self.model.cfg.window, reserve, self.config.reader)
         if budget < 8:
             raise InvalidQuestionError(f"max_new_tokens={max_new} leaves no room for a prompt in the window")

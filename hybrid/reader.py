@@ -74,10 +74,11 @@ class ReaderConfig:
     # in those sources: as configured above. On by default: on NIAH it beat free generation (CPU, held-out seed 7, 81 paired samples: 55.5 vs 45.75 correct, no task lower; GPU,
     # 137 paired samples: README)
     value_answers: bool = True
-    # with ``value_answers``: a plural value question ("all the numbers for X") keeps room for only this many
-    # answer tokens when its prompt is built, whatever max_new_tokens is, so more sources (and their values) fit
-    # the window; a longer list slides the prompt's first tokens out of the attention window as it grows
-    list_answer_tokens: int = 48
+    # with ``value_answers``: a value question keeps room for only this many answer tokens when its prompt is
+    # built, whatever max_new_tokens is (a 36-character UUID is 33 tokens of the shipped tokenizer), so more
+    # sources (and their values) fit the window; a longer answer slides the prompt's first tokens out of the
+    # attention window as it grows
+    value_answer_tokens: int = 48
     # a > 0: context-aware decoding of lookup answers (ttt.generate.generate_iter contrast_alpha): choices from
     # (1 + a) * logits - a * the logits without the sources (no net effect measured on NIAH: off by default)
     context_contrast: float = 0.0
@@ -86,7 +87,9 @@ class ReaderConfig:
         assert self.max_prompt_tokens >= 8, f"max_prompt_tokens must be >= 8, got {self.max_prompt_tokens}"
         assert self.min_chunk_tokens >= 1, f"min_chunk_tokens must be >= 1, got {self.min_chunk_tokens}"
         assert 0.0 <= self.min_overlap_frac <= 1.0, f"min_overlap_frac not in [0,1]: {self.min_overlap_frac}"
-        assert self.list_answer_tokens >= 1, f"list_answer_tokens must be >= 1, got {self.list_answer_tokens}"
+        assert self.value_answer_tokens >= 1, (
+            f"value_answer_tokens must be >= 1, got {self.value_answer_tokens}"
+        )
         assert self.context_contrast >= 0.0, f"context_contrast must be >= 0, got {self.context_contrast}"
         assert self.extractive_sources is None or self.extractive_sources >= 1, (
             f"extractive_sources must be None or >= 1, got {self.extractive_sources}"
@@ -179,9 +182,10 @@ def build_prompt(
         sep = tok.encode("\n")
         need = len(marker) + len(text_ids) + len(sep)
         if need > left:  # cut the lowest-ranked text that still fits a useful piece, drop the rest
-            room = left - len(marker) - len(sep)
-            if room >= cfg.min_chunk_tokens:
-                text_ids = text_ids[:room]
+            text_ids = whole_words(
+                text_ids[: max(0, left - len(marker) - len(sep))], hit.chunk.text.strip(), tok
+            )
+            if len(text_ids) >= cfg.min_chunk_tokens:
                 body += marker + text_ids + sep
                 sources.append(hit_source(hit, tok.decode(text_ids), rank))
                 truncated = True
@@ -192,6 +196,19 @@ def build_prompt(
     ids = head + body + tail
     assert len(ids) <= budget, f"prompt of {len(ids)} tokens exceeds the budget {budget}"
     return Prompt(ids, sources, len(hits) - len(sources), truncated, (len(head), len(head) + len(body)))
+
+
+def whole_words(ids: list[int], text: str, tok: TextTokenizer) -> list[int]:
+    """The longest prefix of ``ids`` (a prefix of ``text``'s tokens) that decodes to whole words of ``text``: a
+    source cut by the budget must not end in half a word, since a cut number or UUID reads as a wrong value.
+    ``ids`` itself when no prefix decodes to a prefix of ``text`` (a normalizing tokenizer)."""
+    for n in range(len(ids), 0, -1):
+        t = tok.decode(ids[:n])
+        if not text.startswith(t):
+            continue
+        if len(t) == len(text) or text[len(t)].isspace():
+            return ids[:n]
+    return ids if not text.startswith(tok.decode(ids)) else []
 
 
 def content_words(text: str) -> set[str]:

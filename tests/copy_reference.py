@@ -44,7 +44,7 @@ def valid_strict(answer: str, source: str, single: bool, known: frozenset[str] =
     """Value answers: words are values (at most one punctuation character on either side; each value once; the
     open word a prefix of a value not written yet) or separators (one punctuation character, after a value, not
     after another separator); ``single``: at most one value; values in ``known`` are none."""
-    words = digit_words(source) - known
+    words = (digit_words(source) - known) or digit_words(source)
     parts = answer.split()
     ends_open = bool(answer) and not answer[-1].isspace()
     finished: list[str] = []
@@ -74,7 +74,7 @@ def can_stop_strict(
 ) -> bool:
     """A value answer may end once it holds a value and no value is half-written (an open word that is a value
     not named before counts as complete); ``exhaustive``: once it holds every value."""
-    words = digit_words(source) - known
+    words = (digit_words(source) - known) or digit_words(source)
     cores = [w.strip(BOUNDARY) for w in answer.split()]
     if not any(cores):
         return False

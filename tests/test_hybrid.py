@@ -406,20 +406,22 @@ def test_value_question_routed_to_comprehension_reads_sources_too(tmp_path, mode
     assert rag.answer("What is the code of the vault?").route == "comprehension"
 
 
-def test_a_list_question_keeps_room_for_a_short_answer_only(tmp_path, model, tok):
-    """A plural value question reserves ``list_answer_tokens`` of the window for its answer, not the caller's
-    ``max_new_tokens``: its prompt holds more sources, and still ends that many tokens before the window does."""
+def test_a_value_question_keeps_room_for_a_short_answer_only(tmp_path, model, tok):
+    """A value question reserves ``value_answer_tokens`` of the window for its answer, not the caller's
+    ``max_new_tokens``: its prompt holds more sources, and still ends that many tokens before the window does;
+    another question keeps the caller's reserve."""
     from hybrid.reader import ReaderConfig
 
     rag = make_rag(tmp_path, model, tok)
     rag.ingest(DOCS)
-    q, window, reserve = "Which codes open the vault under the mill?", model.cfg.window, 48
-    rag.config.reader = ReaderConfig(value_answers=True, list_answer_tokens=reserve)
-    listed = rag._plan(q, "lookup", 4, 200, "")["prompt"]
-    rag.config.reader = ReaderConfig(value_answers=False)
-    plain = rag._plan(q, "lookup", 4, 200, "")["prompt"]
-    assert len(plain.ids) <= window - 200 < len(listed.ids) <= window - reserve
-    assert len(listed.sources) > len(plain.sources)
-    rag.config.reader = ReaderConfig(value_answers=True, list_answer_tokens=reserve)
-    one = rag._plan("Which code opens the vault under the mill?", "lookup", 4, 200, "")["prompt"]
-    assert len(one.ids) <= window - 200  # a single value: the caller's reserve
+    window, reserve = model.cfg.window, 48
+    for q in ("Which codes open the vault under the mill?", "Which code opens the vault under the mill?"):
+        rag.config.reader = ReaderConfig(value_answers=True, value_answer_tokens=reserve)
+        short = rag._plan(q, "lookup", 4, 200, "")["prompt"]
+        rag.config.reader = ReaderConfig(value_answers=False)
+        plain = rag._plan(q, "lookup", 4, 200, "")["prompt"]
+        assert len(plain.ids) <= window - 200 < len(short.ids) <= window - reserve
+        assert len(short.sources) > len(plain.sources)
+    rag.config.reader = ReaderConfig(value_answers=True, value_answer_tokens=reserve)
+    other = rag._plan("Who waters the pears in the walled garden?", "lookup", 4, 200, "")["prompt"]
+    assert len(other.ids) <= window - 200

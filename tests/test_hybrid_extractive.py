@@ -277,3 +277,31 @@ def test_relevant_value_units_take_the_cluster_above_the_widest_gap() -> None:
         "The magic numbers for 7x is 11."
     ]
     assert relevant_value_units("anything?", "no values here.", overlap) == []
+
+
+def test_value_answer_never_writes_a_value_the_question_states_unless_it_is_all() -> None:
+    """mk-niah-3: the question names its key by a UUID; the answer may not be that key. A choice question whose
+    source holds only the stated values keeps them."""
+    sent = "One of the magic uuids for be8c-21 is: fe11-6d."
+    assert ValueAnswer(sent, TEXTS, stop_ids=[0], single=True, known={"be8c-21"}).complete == {"fe11-6d"}
+    assert ValueAnswer(sent, TEXTS, stop_ids=[0], single=True).complete == {"be8c-21", "fe11-6d"}
+    both = {"be8c-21", "fe11-6d"}
+    assert ValueAnswer(sent, TEXTS, stop_ids=[0], single=True, known=both).complete == both
+
+
+def test_best_value_sentence_prefers_the_sentence_of_the_stated_key_in_any_source() -> None:
+    """A question that states a key ("the uuid for be8c-21") takes the sentence that holds that key and another
+    value, from whichever source holds it; without one, the top source's sentences with a value it does not state
+    (a sentence holding only the key is no answer)."""
+
+    def overlap(q: str, sents: list[str]) -> list[float]:
+        words = set(q.lower().rstrip("?").split())
+        return [float(len(words & set(s.lower().split()))) for s in sents]
+
+    q = "what is the magic uuid for be8c-21?"
+    top = "The magic uuid for aa11-22 is: ff00-99. The magic uuid for be8c-21"  # cut before its value
+    other = "The magic uuid for be8c-21 is: 7e57-ab. The magic uuid for cc33-44 is: 0d0d-11."
+    assert best_value_sentence(q, top, overlap, more=[other]) == "The magic uuid for be8c-21 is: 7e57-ab."
+    # not in view: the top source's most similar sentence with an unstated value, narrowed to its closest clause
+    assert best_value_sentence(q, top, overlap) == "The magic uuid for aa11-22"
+    assert best_value_sentence(q, "The magic uuid for be8c-21", overlap) == "The magic uuid for be8c-21"

@@ -58,14 +58,31 @@ def test_budget_cuts_lowest_ranked_first():
     tok = CharTok()
     fixed = 1 + len(cfg.header) + len(cfg.question_prefix + "Q") + len(cfg.answer_prefix)
     first = "[1] " + "a" * 20 + "\n"
-    # room for chunk 1 in full + 5 characters of chunk 2; chunk 3 must be dropped
+    # room for chunk 1 in full + 5 characters of chunk 2 ("bbb b"), cut back to whole words; chunk 3 dropped
     budget = fixed + len(first) + len("[2] ") + 5 + 1
-    p = build_prompt("Q", hits("a" * 20, "b" * 20, "c" * 20), tok, budget=budget, cfg=cfg)
-    assert len(p.ids) == budget
-    assert [s.text for s in p.sources] == ["a" * 20, "bbbbb"] and p.truncated and p.dropped == 1
+    p = build_prompt("Q", hits("a" * 20, "bbb " + "b" * 16, "c" * 20), tok, budget=budget, cfg=cfg)
+    assert len(p.ids) == budget - 2
+    assert [s.text for s in p.sources] == ["a" * 20, "bbb"] and p.truncated and p.dropped == 1
     # too little room for a useful piece of chunk 2: it is dropped, not cut to 2 characters
     p = build_prompt("Q", hits("a" * 20, "b" * 20), tok, budget=budget - 3, cfg=cfg)
     assert [s.text for s in p.sources] == ["a" * 20] and p.dropped == 1
+
+
+def test_a_cut_source_ends_in_a_whole_word():
+    """A value cut by the budget would read as a wrong value ("1544" of "1544803"): at every budget each source
+    shown is its chunk, or a prefix of it that ends where a word does; a chunk of one long word is dropped."""
+    cfg, tok = ReaderConfig(min_chunk_tokens=3), CharTok()
+    texts = ("The vault code is 1544803 and the uuid c7ace3de-31c3-4761 opens it.", "x" * 30, "ab cd ef gh")
+    fixed = 1 + len(cfg.header) + len(cfg.question_prefix + "Q") + len(cfg.answer_prefix)
+    seen = set()
+    for budget in range(fixed, fixed + 130):
+        p = build_prompt("Q", hits(*texts), tok, budget=budget, cfg=cfg)
+        assert len(p.ids) <= budget
+        for src, chunk in zip(p.sources, texts, strict=False):
+            assert chunk.startswith(src.text) and (src.text == chunk or chunk[len(src.text)] == " "), src.text
+            seen.add(src.text)
+        assert all(s.text != "x" * k for s in p.sources for k in range(1, 30))  # no piece of the long word
+    assert {"The vault code is", "The vault code is 1544803 and the uuid"} <= seen
 
 
 def test_question_too_long_and_window_budget():
