@@ -230,13 +230,9 @@ def best_value_sentence(
     else any of its sentences with a value. Then, when that sentence holds several values the question does not
     state, its ``value_clauses`` clause most similar to ``question``. Ties go to the first."""
     known = digit_words(question)
-    keyed = [
-        s
-        for t in (text, *more)
-        for s in value_sentences(t)
-        if digit_words(s) & known and digit_words(s) - known
-    ]
     sents = value_sentences(text)
+    others = [s for t in more for s in value_sentences(t)] if known else []  # only a stated key looks further
+    keyed = [s for s in sents + others if (v := digit_words(s)) & known and v - known]
     pool = keyed or [s for s in sents if digit_words(s) - known] or sents
     if not pool:
         return None

@@ -431,10 +431,9 @@ class HybridRAG:
         if self._token_texts is None:
             self._token_texts = token_texts(self.tokenizer, self.model.cfg.vocab_size)
         stop = [] if self.tokenizer.eos_id is None else [self.tokenizer.eos_id]
-        kind = value_question(plan["question"]) if reader.value_answers else None
-        if (
-            kind is not None
-        ):  # lookup or fused: whatever route put sources in the prompt; not a value it states
+        kind = plan["value_kind"]
+        # lookup or fused: whatever route put sources in the prompt; never a value the question states
+        if kind is not None:
             q = plan["question"]
             if kind == "one":  # the top source's sentence with a value that is closest to the question
                 more = [s.text for s in p.sources[1:]]
@@ -471,15 +470,15 @@ class HybridRAG:
         q = content_words(question)
         return [float(len(q & content_words(t))) for t in texts]
 
-    def _decide(self, question: str, route: str) -> Any:
-        """The caller's route, or the router's; with value answers on, the router's comprehension becomes fused
-        for a value question: the corpus memory does not keep exact values, the sources do."""
+    def _decide(self, question: str, route: str, value_kind: str | None) -> Any:
+        """The caller's route, or the router's; the router's comprehension becomes fused for a value question
+        (``value_kind``, with value answers on): the corpus memory does not keep exact values, the sources do."""
         from router import RouteDecision
 
         if route != "auto":
             return RouteDecision(route=route, confidence=1.0, reason="route chosen by the caller")
         d = self.router.route(question)
-        if d.route == "comprehension" and self.config.reader.value_answers and value_question(question):
+        if d.route == "comprehension" and value_kind is not None:
             why = f"{d.reason}; a value question: fused, so the values come from sources"
             return dataclasses.replace(d, route="fused", reason=why)
         return d
@@ -500,17 +499,18 @@ class HybridRAG:
             raise InvalidQuestionError(f"top_k and max_new_tokens must be integers >= 1, got {k}, {max_new}")
         if not self.index.documents():
             raise NotIngestedError("no documents ingested yet: call ingest() before answer()")
+        reader, start = self.config.reader, answer_start
+        value_kind = value_question(q) if reader.value_answers else None  # 'one' | 'many' | None
         reserve = max_new  # answer tokens the prompt leaves room for in the window
-        if self.config.reader.value_answers and value_question(q):  # values are short: more sources fit
-            reserve = min(max_new, self.config.reader.value_answer_tokens)
+        if value_kind is not None:  # values are short: more sources fit
+            reserve = min(max_new, reader.value_answer_tokens)
         budget = token_budget(self.model.cfg.window, reserve, self.config.reader)
         if budget < 8:
             raise InvalidQuestionError(f"max_new_tokens={max_new} leaves no room for a prompt in the window")
-        reader, start = self.config.reader, answer_start
         build_prompt(q, [], self.tokenizer, budget=budget, cfg=reader, answer_start=start)  # too long: early
         timings: dict[str, float] = {}
         t = time.perf_counter()
-        decision = self._decide(q, route)
+        decision = self._decide(q, route, value_kind)
         timings["route"] = time.perf_counter() - t
         hits: list[Any] = []
         if decision.route in ("lookup", "fused"):
@@ -530,6 +530,7 @@ class HybridRAG:
             contrast = torch.tensor([bare.ids], dtype=torch.long, device=self.device)
         return {
             "question": q,
+            "value_kind": value_kind,
             "answer_start": start,
             "contrast": contrast,
             "t0": t0,

@@ -71,8 +71,8 @@ class ReaderConfig:
     # (``ValueAnswer``): one from the top-ranked source's value sentence closest to the question
     # (``best_value_sentence``), or for a plural noun a list of every value of the sources' units that stand
     # out as relevant (``relevant_value_units``), all of them before it may stop. Other questions, or no value
-    # in those sources: as configured above. On by default: on NIAH it beat free generation (CPU, held-out seed 7, 81 paired samples: 55.5 vs 45.75 correct, no task lower; GPU,
-    # 137 paired samples: README)
+    # in those sources: as configured above. On by default: on NIAH it beat free generation (CPU, held-out
+    # seed 7, 81 paired samples: 55.5 vs 45.75 correct, no task lower; GPU, 137 paired samples: README)
     value_answers: bool = True
     # with ``value_answers``: a value question keeps room for only this many answer tokens when its prompt is
     # built, whatever max_new_tokens is (a 36-character UUID is 33 tokens of the shipped tokenizer), so more

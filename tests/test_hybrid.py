@@ -313,7 +313,13 @@ def test_value_answers_decode_source_values_only(tmp_path, model, tok, q, single
     only after a complete value."""
     from copy_reference import allowed_strict, digit_words
 
-    from hybrid.extractive import ValueAnswer, best_value_sentence, relevant_value_units, token_texts
+    from hybrid.extractive import (
+        ValueAnswer,
+        best_value_sentence,
+        relevant_value_units,
+        token_texts,
+        value_question,
+    )
     from hybrid.reader import ReaderConfig, build_prompt, token_budget
 
     rag = make_rag(tmp_path, model, tok)
@@ -336,10 +342,17 @@ def test_value_answers_decode_source_values_only(tmp_path, model, tok, q, single
         ),
     )
     assert ans.text == tok.decode(out) and any(ch.isdigit() for ch in ans.text)
-    plan = {"route": "fused", "prompt": prompt, "question": q, "answer_start": ""}
+    plan = {
+        "route": "fused",
+        "prompt": prompt,
+        "question": q,
+        "value_kind": value_question(q),
+        "answer_start": "",
+    }
     rule = rag._constraint(plan)  # the fused route's sources get the same rule
     assert isinstance(rule, ValueAnswer) and rule.complete == digit_words(source) and rule.single == single
-    assert rag._constraint(plan | {"question": "Who waters the pears?"}) is None  # not a value question
+    other = "Who waters the pears?"
+    assert rag._constraint(plan | {"question": other, "value_kind": value_question(other)}) is None
     if not rag.index.dense_enabled:  # without an embedder sentences are compared by shared content words
         assert rag._similarity("the vault code", ["The vault code is 1.", "Pears 2."]) == [2.0, 0.0]
 
@@ -356,7 +369,8 @@ def test_copy_rule_reads_the_top_ranked_sources(tmp_path, model, tok, n_top):
     q = 'What is the exact code "7731" used for?'
     hits = rag.index.search(q, k=3, mode="bm25")
     prompt = build_prompt(q, hits, tok, budget=token_budget(model.cfg.window, 6, rag.config.reader))
-    rule = rag._constraint({"route": "lookup", "prompt": prompt, "answer_start": ""})
+    plan = {"route": "lookup", "prompt": prompt, "value_kind": None, "answer_start": ""}  # value answers off
+    rule = rag._constraint(plan)
     if n_top is None:  # the numbered body, markers included (a citation "[1]" is copyable)
         text = tok.decode(prompt.ids[prompt.body[0] : prompt.body[1]])
     else:
@@ -364,7 +378,7 @@ def test_copy_rule_reads_the_top_ranked_sources(tmp_path, model, tok, n_top):
     expect = {w.strip(",.;:!?()[]{}\"'") for w in text.split()}
     assert rule.complete == {w for w in expect if any(ch.isdigit() for ch in w)}
     assert len(prompt.sources) >= 2
-    assert rag._constraint({"route": "comprehension", "prompt": prompt, "answer_start": ""}) is None
+    assert rag._constraint(plan | {"route": "comprehension"}) is None
 
 
 def test_similarity_is_the_index_embedders_cosine(tmp_path, model, tok):
