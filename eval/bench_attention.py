@@ -3,7 +3,8 @@
 Two shapes per preset (window k = 8192 by default):
 - ``chunk``: one suffix chunk, b = 1024 queries over the k - 1 cached keys plus the chunk's own (forward, and
   forward + backward: prefill differentiates the chunk loss to the fast weights through this attention);
-- ``prefix``: the prefix layers' one pass over T tokens (forward only).
+- ``prefix``: the prefix layers' one pass over T tokens (forward only); ``band`` = two cuDNN causal passes merged
+  by log-sum-exp (``ttt.attention._band_attention``), checked forward-only against fp32 math.
 
 Backends: ``flex`` (FlexAttention, compiled block mask; ``flex:<opts>`` adds kernel_options), ``fa2`` (torch's
 built-in FlashAttention-2 with ``window_size``), and, for the chunk, SDPA with a ``causal_lower_right`` mask
@@ -28,7 +29,7 @@ import torch.nn.functional as F
 
 from eval.bench_latency import cuda_time, error_text, summary
 from eval.common import run_metadata, write_results
-from ttt.attention import _fa2_attention, _flex_attention, _math_attention, band_mask
+from ttt.attention import _band_attention, _fa2_attention, _flex_attention, _math_attention, band_mask
 
 log = logging.getLogger("bench_attention")
 
@@ -105,6 +106,20 @@ def check_exact(
     return dict(zip(("out", "dq", "dk", "dv"), errs, strict=True))
 
 
+def check_forward(
+    fn: Callable[..., torch.Tensor], H: int, D: int, tq: int, tk: int, w: int
+) -> dict[str, float]:
+    """Relative error of a forward-only kernel's output (bf16) vs fp32 math on the same bf16 inputs."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    q, k, v = (
+        torch.randn(1, H, t, D, device="cuda", generator=g, dtype=torch.bfloat16) for t in (tq, tk, tk)
+    )
+    with torch.no_grad():
+        ref = _math_attention(q.float(), k.float(), v.float(), w)
+        err = (fn(q, k, v, w).float() - ref).norm() / ref.norm()
+    return {"out": float(err)}
+
+
 def time_kernel(
     fn: Callable[..., torch.Tensor], H: int, D: int, tq: int, tk: int, w: int, backward: bool, args: Any
 ) -> dict[str, Any]:
@@ -137,7 +152,7 @@ def bench_preset(preset: str, args: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"heads": H, "head_dim": D, "window": w, "chunk": b, "checks": {}, "chunk_fwd": {},
                            "chunk_fwd_bwd": {}, "prefix_fwd": {}}  # fmt: skip
     tk = w - 1 + b
-    for name, fn in kernels().items():
+    for name, fn in kernels().items() if "chunk" in args.parts else ():
         exact = "not the band" not in name
         for key, bwd in (("chunk_fwd", False), ("chunk_fwd_bwd", True)):
             try:
@@ -152,7 +167,16 @@ def bench_preset(preset: str, args: Any) -> dict[str, Any]:
                 out["checks"][name] = {"error": error_text(e)}
             log.info("%s check %s %s", preset, name, out["checks"][name])
         torch.cuda.empty_cache()
-    for name, fn in (("fa2", _fa2_attention), ("flex", _flex_with(None))):
+    if "prefix" not in args.parts:
+        return out
+    prefix_kernels = {"fa2": _fa2_attention, "flex": _flex_with(None), "band": _band_attention}
+    for tq, tk in ((4096, 4096), (3000, 3000 + 1023)):  # band is forward only: its own check, window 1024
+        try:
+            out["checks"][f"band prefix {tq}x{tk}"] = check_forward(_band_attention, H, D, tq, tk, 1024)
+        except Exception as e:  # noqa: BLE001
+            out["checks"][f"band prefix {tq}x{tk}"] = {"error": error_text(e)}
+    log.info("%s band checks %s", preset, {k: v for k, v in out["checks"].items() if k.startswith("band")})
+    for name, fn in prefix_kernels.items():
         try:
             out["prefix_fwd"][name] = time_kernel(fn, H, D, args.prefix, args.prefix, w, False, args)
         except Exception as e:  # noqa: BLE001
@@ -170,6 +194,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--rotate", type=int, default=3)
+    p.add_argument("--parts", nargs="+", default=["chunk", "prefix"], choices=["chunk", "prefix"])
     p.add_argument("--out", default=None)
     p.add_argument("--name", default="attention-kernels")
     args = p.parse_args(argv)

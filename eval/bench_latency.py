@@ -604,7 +604,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fa-full-max", type=int, default=131072, help="above: FA = one block x n_layers")
     p.add_argument("--backend", default="auto", help="attention backend of the TTT path")
     p.add_argument("--chunk-backend", default=None, help="auto's choice below FLEX_MIN_QUERIES: fa2 | flex")
-    p.add_argument("--long-backend", default=None, help="auto's choice for long inputs: flex | fa2")
+    p.add_argument("--long-backend", default=None, help="auto's choice for long inputs: flex | fa2 | band")
     p.add_argument("--eager-head", action="store_true", help="chunk steps use the eager head (no fused NLL)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)

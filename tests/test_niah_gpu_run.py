@@ -133,6 +133,12 @@ def test_budget_stops_evenly_and_resume_completes(tmp_path: Path) -> None:
     assert rep["scores"]["regex"] == full["scores"]["regex"] and rep["data"]["complete"] is False
     assert rep["counts"]["bm25"]["s-niah-1"] == {"600": 2, "800": 2} and rep["data"]["samples_done"] == 16
     assert all(r["device"] for r in recs)
+    # a budget-cut grid merged report-only: every system has every sample it ran, yet the grid is not complete
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    (cut / RECORDS).write_text("".join(json.dumps(r) + "\n" for r in recs if r["index"] == 0))
+    rep = run(RunConfig(**(cfg(None).__dict__ | {"out": str(cut), "report_only": True})))
+    assert rep["data"]["samples_done"] == 8 and rep["data"]["complete"] is False
 
 
 def test_readme_table_agrees_with_records() -> None:

@@ -72,6 +72,39 @@ def test_fused_band_equals_math_on_cuda(
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("dh", [64, 80])
+@pytest.mark.parametrize(("tq", "tk"), [(2048, 2048), (2000, 2000), (1500, 1500 + 511), (1024, 1024 + 700)])
+def test_cudnn_band_split_equals_math_on_cuda(dh: int, tq: int, tk: int) -> None:
+    """The long-prefix band (two cuDNN causal passes merged by their log-sum-exps) == masked attention in
+    float64: checks cuDNN's log-sum-exp convention (natural log of the scaled scores) on this build."""
+    from ttt.attention import attention, band_usable
+
+    torch.manual_seed(0)
+    q = torch.randn(1, 4, tq, dh, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(1, 4, tk, dh, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    with torch.no_grad():
+        assert band_usable(q, tk, 512)
+        out = attention(q, k, v, window=512, backend="band")
+    ref = attention(q.double(), k.double(), v.double(), window=512, backend="math")
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-2
+    assert (out.double() - ref).abs().max().item() < 2e-2
+
+
+@pytest.mark.gpu
+def test_auto_takes_the_band_split_only_when_opted_in_and_without_grad(monkeypatch) -> None:
+    import ttt.attention as att
+
+    q = torch.randn(1, 4, 2048, 64, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.setattr(att, "FLEX_MIN_QUERIES", 1024)
+    with torch.no_grad():
+        assert att.auto_backend(q, 2048, 512) == "flex"  # the default long backend
+        monkeypatch.setattr(att, "LONG_BACKEND", "band")
+        assert att.auto_backend(q, 2048, 512) == "band"
+        assert att.auto_backend(q, 2048 + 100, 512) != "band"  # 100 cached keys: a shape the split refuses
+    assert att.auto_backend(q.requires_grad_(True), 2048, 512) != "band"  # forward only
+
+
+@pytest.mark.gpu
 def test_prefill_flex_and_graphed_decode_match_reference_on_cuda() -> None:
     """prefill with flex (auto) == math backend; the CUDA-graphed DecodeSession == the eager session."""
     from ttt.decode import DecodeSession

@@ -115,6 +115,31 @@ def test_attention_backends_match_brute_force(tq: int, tk: int, window: int | No
         )
 
 
+@pytest.mark.parametrize(
+    "tq,tk,window", [(12, 12, 4), (13, 13, 4), (9, 9, 2), (10, 13, 4), (10, 20, 4), (5, 14, 6), (20, 20, 19)]
+)
+def test_band_from_two_causal_passes_matches_brute_force(tq: int, tk: int, window: int) -> None:
+    """The band split (block-causal pass + time-reversed previous-block pass, merged by log-sum-exp): every query
+    block alignment, a ragged last block, w - 1 or more cached keys, GQA; the causal kernel here is float64 math."""
+    from ttt.attention import _band_attention, _causal_lse_math, band_split_ok
+
+    assert band_split_ok(tq, tk, window)
+    g = torch.Generator().manual_seed(tq * 100 + tk)
+    q = torch.randn(2, 4, tq, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(2, 2, tk, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    out = _band_attention(q, k, v, window, causal_lse=_causal_lse_math)
+    torch.testing.assert_close(out, _brute(q, k, v, window), rtol=1e-10, atol=1e-10)
+
+
+def test_band_split_refuses_shapes_it_cannot_take() -> None:
+    from ttt.attention import band_split_ok
+
+    assert not band_split_ok(8, 8, None) and not band_split_ok(8, 8, 8)  # nothing cut off: plain causal
+    assert not band_split_ok(8, 10, 4)  # 2 cached keys, fewer than w - 1: padding would be seen
+    assert not band_split_ok(8, 8, 1)  # a window of one key has no previous block to split
+    assert band_split_ok(8, 11, 4) and band_split_ok(8, 8, 4)
+
+
 def test_bad_tokens_are_rejected() -> None:
     m = TTTModel(tiny())
     with pytest.raises(TypeError, match="int64"):

@@ -236,6 +236,7 @@ def run(cfg: RunConfig, systems: Systems | None = None) -> dict[str, Any]:
     }
     records = [r for k, r in done.items() if k in wanted]
     n_samples = sum(len(ss) for ss in samples_by_task.values())
+    planned = len(cfg.tasks) * len(cfg.lengths) * len(cfg.depths) * cfg.samples
     grid_order = lambda s: (cfg.lengths.index(s.target_length), cfg.depths.index(s.depth), s.index)  # noqa: E731
     data = {  # the hash is taken in grid order, so interleaving does not change it
         "dataset_hash": {t: dataset_hash(sorted(ss, key=grid_order)) for t, ss in samples_by_task.items()},
@@ -243,9 +244,10 @@ def run(cfg: RunConfig, systems: Systems | None = None) -> dict[str, Any]:
         "corpus_source": {k: c.source for k, c in corpora.items()},
         "tokenizer_sha256": getattr(systems.tokenizer, "sha256", lambda: None)(),
         "model_window": systems.lm.window("ttt"),
-        "complete": not stopped and len(records) == len(wanted),
+        # every planned sample, every system: a report-only merge of a partial grid is not complete
+        "complete": not stopped and len(records) == len(wanted) and n_samples == planned,
         "samples_done": n_samples,
-        "samples_planned": len(cfg.tasks) * len(cfg.lengths) * len(cfg.depths) * cfg.samples,
+        "samples_planned": planned,
         "record_devices": sorted({str(r.get("device", "unknown")) for r in records}),
     }
     run_cfg = asdict(cfg)
