@@ -33,9 +33,9 @@ Value answers (``ValueAnswer``, ``ReaderConfig.value_answers``, on by default) g
 names the type of value it asks for (``value_question``: "number", "code", "uuid", ...): the answer is source
 values and separators only, so the reader can no longer restate the key instead of answering, the failure copying
 alone left (README, NIAH: s-niah-1/2/3 100 / 93 / 86 against 86 / 93 / 71 free on 137 paired GPU samples). A
-single value comes from one sentence: of the top source's sentences that hold a value, the one closest to the
+single value comes from one sentence: of the sources' sentences that hold a value, the one closest to the
 question (``best_value_sentence``), which keeps "40 years ago" and other keys' needles out (CPU seed 7: 68.25
-against 56.25 of 81 NIAH samples); where that sentence holds several values, the clause that leads up to a value
+against 56.25 of 81 NIAH samples, top source only; every source since session 10, for paraphrased keys); where that sentence holds several values, the clause that leads up to a value
 and is closest to the question (``value_clauses``): a haystack cut mid-sentence glues the needle onto "... than it
 was 40 years", the last two CPU grid misses. A list ("all the numbers for X", a plural noun) takes every value of
 the units that stand out as relevant (``relevant_value_units``) and may stop only once it holds all of them
@@ -222,18 +222,20 @@ def best_value_sentence(
     *,
     more: Sequence[str] = (),
 ) -> str | None:
-    """The span of ``text`` (the top source) a single-value answer takes its candidates from; None when no
-    source holds a value. First the sentence most similar to ``question`` among: the sentences of ``text`` and
-    ``more`` (the other sources, in rank order) that hold a value the question states (its key, "the uuid for
-    be8c2194-...") and one it does not; else the sentences of ``text`` with a value the question does not state
-    (a chunk that holds the needle often holds other numbers too: "more addictive than it was 40 years ago");
-    else any of its sentences with a value. Then, when that sentence holds several values the question does not
-    state, its ``value_clauses`` clause most similar to ``question``. Ties go to the first."""
+    """The span a single-value answer takes its candidates from, out of ``text`` (the top source) and ``more``
+    (the other sources, in rank order); None when no source holds a value. First the sentence most similar to
+    ``question`` among: the sentences that hold a value the question states (its key, "the uuid for
+    be8c2194-...") and one it does not; else the sentences with a value the question does not state (a chunk that
+    holds the needle often holds other numbers too: "more addictive than it was 40 years ago"); else any sentence
+    of ``text`` with a value. Every source's sentences compete: retrieval ranks chunks, and when the question
+    shares no words with its answer (a paraphrased key) several chunks of one template rank alike while the
+    answer's own sentence is still the closest. Then, when that sentence holds several values the question does
+    not state, its ``value_clauses`` clause most similar to ``question``. Ties go to the first (the top source)."""
     known = digit_words(question)
     sents = value_sentences(text)
-    others = [s for t in more for s in value_sentences(t)] if known else []  # only a stated key looks further
+    others = [s for t in more for s in value_sentences(t)]
     keyed = [s for s in sents + others if (v := digit_words(s)) & known and v - known]
-    pool = keyed or [s for s in sents if digit_words(s) - known] or sents
+    pool = keyed or [s for s in sents + others if digit_words(s) - known] or sents
     if not pool:
         return None
     return _most_similar(

@@ -435,7 +435,7 @@ class HybridRAG:
         # lookup or fused: whatever route put sources in the prompt; never a value the question states
         if kind is not None:
             q = plan["question"]
-            if kind == "one":  # the top source's sentence with a value that is closest to the question
+            if kind == "one":  # the sources' sentence with a value that is closest to the question
                 more = [s.text for s in p.sources[1:]]
                 text = best_value_sentence(q, p.sources[0].text, self._similarity, more=more) or ""
             else:  # every value of the sources' units that stand out as relevant

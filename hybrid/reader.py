@@ -68,7 +68,7 @@ class ReaderConfig:
     extractive_sources: int | None = None
     # True: a question answered from sources (lookup, fused) that asks for a value by its type noun (number,
     # code, id, uuid, ...: ``hybrid.extractive.value_question``) is answered with values of the sources only
-    # (``ValueAnswer``): one from the top-ranked source's value sentence closest to the question
+    # (``ValueAnswer``): one from the sources' value sentence closest to the question
     # (``best_value_sentence``), or for a plural noun a list of every value of the sources' units that stand
     # out as relevant (``relevant_value_units``), all of them before it may stop. Other questions, or no value
     # in those sources: as configured above. On by default: on NIAH it beat free generation (CPU, held-out

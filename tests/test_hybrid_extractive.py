@@ -289,6 +289,25 @@ def test_value_answer_never_writes_a_value_the_question_states_unless_it_is_all(
     assert ValueAnswer(sent, TEXTS, stop_ids=[0], single=True, known=both).complete == both
 
 
+def test_best_value_sentence_reads_every_source() -> None:
+    """Without a stated key every source's sentences with a value compete: the closest one wins wherever it is
+    (a paraphrased key ranks several chunks of one template alike); ties keep the top source's."""
+
+    def overlap(q: str, sents: list[str]) -> list[float]:
+        words = set(q.lower().rstrip("?").split())
+        return [float(len(words & set(s.rstrip(".").lower().split()))) for s in sents]
+
+    q = "which number opens the vault of the red door?"
+    top = "The vault of the blue gate opens with 4411. It was 40 years ago."
+    other = "Essays. The vault of the red door opens with 7797."
+    assert best_value_sentence(q, top, overlap, more=[other]) == "The vault of the red door opens with 7797."
+    tie = "The vault of the green gate opens with 1234."
+    assert best_value_sentence(q, top, overlap, more=[tie]) == "The vault of the blue gate opens with 4411."
+    assert best_value_sentence(q, "no value here.", overlap, more=[other]) == (
+        "The vault of the red door opens with 7797."
+    )
+
+
 def test_best_value_sentence_prefers_the_sentence_of_the_stated_key_in_any_source() -> None:
     """A question that states a key ("the uuid for be8c-21") takes the sentence that holds that key and another
     value, from whichever source holds it; without one, the top source's sentences with a value it does not state
