@@ -87,14 +87,19 @@ def kernels() -> dict[str, Callable[..., torch.Tensor]]:
     return out
 
 
+def _random_qkv(g: torch.Generator, H: int, D: int, tq: int, tk: int) -> tuple[torch.Tensor, ...]:
+    """bf16 q (1, H, tq, D), k and v (1, H, tk, D) drawn from ``g`` in that order."""
+    return tuple(
+        torch.randn(1, H, t, D, device="cuda", generator=g, dtype=torch.bfloat16) for t in (tq, tk, tk)
+    )
+
+
 def check_exact(
     fn: Callable[..., torch.Tensor], H: int, D: int, tq: int, tk: int, w: int
 ) -> dict[str, float]:
     """Relative error of outputs and q/k/v gradients (bf16 kernel vs fp32 math on the same bf16 inputs)."""
     g = torch.Generator(device="cuda").manual_seed(0)
-    q, k, v = (
-        torch.randn(1, H, t, D, device="cuda", generator=g, dtype=torch.bfloat16) for t in (tq, tk, tk)
-    )
+    q, k, v = _random_qkv(g, H, D, tq, tk)
     do = torch.randn(1, H, tq, D, device="cuda", generator=g, dtype=torch.bfloat16)
     res = {}
     for name, f, dt in (("ref", _math_attention, torch.float32), ("fast", fn, torch.bfloat16)):
@@ -110,10 +115,7 @@ def check_forward(
     fn: Callable[..., torch.Tensor], H: int, D: int, tq: int, tk: int, w: int
 ) -> dict[str, float]:
     """Relative error of a forward-only kernel's output (bf16) vs fp32 math on the same bf16 inputs."""
-    g = torch.Generator(device="cuda").manual_seed(1)
-    q, k, v = (
-        torch.randn(1, H, t, D, device="cuda", generator=g, dtype=torch.bfloat16) for t in (tq, tk, tk)
-    )
+    q, k, v = _random_qkv(torch.Generator(device="cuda").manual_seed(1), H, D, tq, tk)
     with torch.no_grad():
         ref = _math_attention(q.float(), k.float(), v.float(), w)
         err = (fn(q, k, v, w).float() - ref).norm() / ref.norm()

@@ -35,9 +35,10 @@ values and separators only, so the reader can no longer restate the key instead 
 alone left (README, NIAH: s-niah-1/2/3 100 / 93 / 86 against 86 / 93 / 71 free on 137 paired GPU samples). A
 single value comes from one sentence: of the sources' sentences that hold a value, the one closest to the
 question (``best_value_sentence``), which keeps "40 years ago" and other keys' needles out (CPU seed 7: 68.25
-against 56.25 of 81 NIAH samples, top source only; every source since session 10, for paraphrased keys); where that sentence holds several values, the clause that leads up to a value
-and is closest to the question (``value_clauses``): a haystack cut mid-sentence glues the needle onto "... than it
-was 40 years", the last two CPU grid misses. A list ("all the numbers for X", a plural noun) takes every value of
+against 56.25 of 81 NIAH samples, top source only; every source since session 10, for paraphrased keys); where
+that sentence holds several values, the clause that leads up to a value and is closest to the question
+(``value_clauses``): a haystack cut mid-sentence glues the needle onto "... than it was 40 years", the last two CPU
+grid misses. A list ("all the numbers for X", a plural noun) takes every value of
 the units that stand out as relevant (``relevant_value_units``) and may stop only once it holds all of them
 (``ValueAnswer(exhaustive=True)``). With the short answer reserve of a value question
 (``ReaderConfig.value_answer_tokens``, so more sources fit the window), CPU mv+mq-niah 12.75 vs 10.25 of 18 (seed 7)
@@ -204,14 +205,21 @@ def value_clauses(sentence: str, known: Iterable[str] = ()) -> list[str]:
     return [" ".join(c) for c in clauses]
 
 
+def _scores(
+    question: str, texts: list[str], similarity: Callable[[str, list[str]], Sequence[float]]
+) -> list[float]:
+    scores = list(similarity(question, texts))
+    assert len(scores) == len(texts), f"similarity gave {len(scores)} scores for {len(texts)} texts"
+    return scores
+
+
 def _most_similar(
     question: str, texts: list[str], similarity: Callable[[str, list[str]], Sequence[float]]
 ) -> str:
     """The text most similar to ``question`` (the first on ties; one text is returned without asking)."""
     if len(texts) == 1:
         return texts[0]
-    scores = list(similarity(question, texts))
-    assert len(scores) == len(texts), f"similarity gave {len(scores)} scores for {len(texts)} texts"
+    scores = _scores(question, texts, similarity)
     return texts[max(range(len(texts)), key=lambda i: scores[i])]
 
 
@@ -233,9 +241,9 @@ def best_value_sentence(
     not state, its ``value_clauses`` clause most similar to ``question``. Ties go to the first (the top source)."""
     known = digit_words(question)
     sents = value_sentences(text)
-    others = [s for t in more for s in value_sentences(t)]
-    keyed = [s for s in sents + others if (v := digit_words(s)) & known and v - known]
-    pool = keyed or [s for s in sents + others if digit_words(s) - known] or sents
+    cands = [(s, digit_words(s)) for s in sents + [s for t in more for s in value_sentences(t)]]
+    keyed = [s for s, v in cands if v & known and v - known]
+    pool = keyed or [s for s, v in cands if v - known] or sents
     if not pool:
         return None
     return _most_similar(
@@ -259,8 +267,7 @@ def relevant_value_units(
     units = value_units(text, known=digit_words(question))
     if not units:
         return units
-    scores = list(similarity(question, units))
-    assert len(scores) == len(units), f"similarity gave {len(scores)} scores for {len(units)} units"
+    scores = _scores(question, units, similarity)
     order = sorted(range(len(units)), key=lambda i: -scores[i])
     ranked = [scores[i] for i in order] + [min(0.0, scores[order[-1]])]
     gaps = [ranked[j] - ranked[j + 1] for j in range(len(order))]

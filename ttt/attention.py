@@ -79,13 +79,16 @@ def _expand_kv(k: torch.Tensor, n_heads: int) -> torch.Tensor:
     return k if rep == 1 else k.repeat_interleave(rep, dim=1)
 
 
-def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
-    tq, tk = q.shape[2], k.shape[2]
-    k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+def _masked_scores(q: torch.Tensor, k: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Scaled scores (B, H, Tq, Tk) in at least fp32, -inf outside the band; k already has q's heads."""
     scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(q.shape[-1]))  # (B, H, Tq, Tk)
-    mask = band_mask(tq, tk, window, q.device)
-    scores = scores.to(torch.promote_types(scores.dtype, torch.float32)).masked_fill(~mask, float("-inf"))
-    probs = torch.softmax(scores, dim=-1).to(v.dtype)
+    mask = band_mask(q.shape[2], k.shape[2], window, q.device)
+    return scores.to(torch.promote_types(scores.dtype, torch.float32)).masked_fill(~mask, float("-inf"))
+
+
+def _math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
+    k, v = _expand_kv(k, q.shape[1]), _expand_kv(v, q.shape[1])
+    probs = torch.softmax(_masked_scores(q, k, window), dim=-1).to(v.dtype)
     return probs @ v  # (B, H, Tq, D)
 
 
@@ -212,14 +215,16 @@ def _flex_attention(
     return _flex_kernel()(q, k.to(q.dtype), v.to(q.dtype), block_mask=bm, enable_gqa=gqa)
 
 
+def _half_on_cuda(q: torch.Tensor, max_head_dim: int) -> bool:
+    """What the fused fp16/bf16 kernels (fa2, cuDNN) share: CUDA, half precision, head dim a multiple of 8."""
+    D = q.shape[-1]
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and D % 8 == 0 and D <= max_head_dim
+
+
 # ---- band from two causal passes (long prefix, forward only) -------------------------------------------
 def _causal_lse_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Square causal attention (N, H, T, D) -> (out (N, H, T, D), log-sum-exp of the scaled scores (N, H, T))."""
-    t = q.shape[2]
-    scores = (q @ k.transpose(-2, -1)).to(torch.promote_types(q.dtype, torch.float32)) / math.sqrt(
-        q.shape[-1]
-    )
-    scores = scores.masked_fill(~band_mask(t, t, None, q.device), float("-inf"))  # (N, H, T, T)
+    scores = _masked_scores(q, k, None)  # (N, H, T, T): square, so window None is causal
     lse = torch.logsumexp(scores, dim=-1)  # (N, H, T)
     return (torch.exp(scores - lse[..., None]).to(v.dtype) @ v), lse
 
@@ -290,12 +295,8 @@ def _band_attention(
 
 def band_usable(q: torch.Tensor, tk: int, window: int | None) -> bool:
     """cuDNN band split: CUDA, fp16/bf16, head dim a multiple of 8 up to 128, forward only, a shape it takes."""
-    D = q.shape[-1]
     return (
-        q.is_cuda
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and D % 8 == 0
-        and D <= 128
+        _half_on_cuda(q, max_head_dim=128)
         and not (torch.is_grad_enabled() and q.requires_grad)
         and band_split_ok(q.shape[2], tk, window)
         and torch.backends.cuda.cudnn_sdp_enabled()
@@ -307,12 +308,8 @@ def flash_usable(q: torch.Tensor) -> bool:
 
 
 def fa2_usable(q: torch.Tensor) -> bool:
-    D = q.shape[-1]
     return (
-        q.is_cuda
-        and q.dtype in (torch.float16, torch.bfloat16)
-        and D % 8 == 0
-        and D <= 256
+        _half_on_cuda(q, max_head_dim=256)
         and torch.cuda.get_device_capability(q.device)[0] >= 8
         and fa2_supported()
     )
