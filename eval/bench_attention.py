@@ -29,7 +29,16 @@ import torch.nn.functional as F
 
 from eval.bench_latency import cuda_time, error_text, summary
 from eval.common import run_metadata, write_results
-from ttt.attention import _band_attention, _fa2_attention, _flex_attention, _math_attention, band_mask
+from ttt import attention as att
+from ttt.attention import (
+    _band_attention,
+    _fa2_attention,
+    _flex_attention,
+    _math_attention,
+    _triton_attention,
+    attention_in_window,
+    band_mask,
+)
 
 log = logging.getLogger("bench_attention")
 
@@ -80,7 +89,7 @@ FLEX_OPTS = {
 def kernels() -> dict[str, Callable[..., torch.Tensor]]:
     from torch.nn.attention import SDPBackend
 
-    out: dict[str, Callable[..., torch.Tensor]] = {"fa2": _fa2_attention}
+    out: dict[str, Callable[..., torch.Tensor]] = {"fa2": _fa2_attention, "triton": _triton_attention}
     out.update({name: _flex_with(o) for name, o in FLEX_OPTS.items()})
     out["sdpa-cudnn-lower-right (not the band)"] = _lower_right(SDPBackend.CUDNN_ATTENTION)
     out["sdpa-flash-lower-right (not the band)"] = _lower_right(SDPBackend.FLASH_ATTENTION)
@@ -148,6 +157,97 @@ def time_kernel(
     return rec
 
 
+# a TTT chunk step's attention as the model calls it (``attention_in_window``: new keys written into the window,
+# gradients for q and the b new keys only): backend, forward kernel of the triton path
+WINDOW_PATHS = {
+    "fa2": ("fa2", "triton"),
+    "triton": ("triton", "triton"),
+    "fa2-fwd+triton-bwd": ("triton", "fa2"),
+}
+
+
+def _safe(fn: Callable[..., dict[str, Any]], *a: Any) -> dict[str, Any]:
+    try:
+        return fn(*a)
+    except Exception as e:  # noqa: BLE001 - a kernel that does not run is recorded, the run goes on
+        return {"error": error_text(e)}
+
+
+def _window_call(H: int, D: int, b: int, w: int, path: str, q, k, v, kw, vw, do) -> tuple:  # noqa: ANN001
+    backend, fwd = WINDOW_PATHS[path]
+    saved, att.TRITON_WINDOW_FWD = att.TRITON_WINDOW_FWD, fwd
+    try:
+        o = attention_in_window(q, k, v, kw, vw, window=w, backend=backend)
+        return (o, *torch.autograd.grad(o, (q, k, v), do))
+    finally:
+        att.TRITON_WINDOW_FWD = saved
+
+
+def _window_inputs(g: torch.Generator, H: int, D: int, b: int, w: int, dt: torch.dtype) -> tuple:
+    q, k, v, do = (
+        torch.randn(1, H, b, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(4)
+    )
+    kw, vw = (
+        torch.randn(1, H, w - 1 + b, D, device="cuda", generator=g, dtype=torch.bfloat16) for _ in range(2)
+    )
+    q, k, v = (t.to(dt).requires_grad_(True) for t in (q, k, v))
+    return q, k, v, kw.to(dt), vw.to(dt), do.to(dt)
+
+
+def time_window(H: int, D: int, b: int, w: int, path: str, args: Any) -> dict[str, Any]:
+    """Forward + backward of one chunk step's attention (``attention_in_window``), inputs rotated."""
+    bufs = [_window_inputs(torch.Generator(device="cuda").manual_seed(i), H, D, b, w, torch.bfloat16)
+            for i in range(args.rotate)]  # fmt: skip
+    rec = summary(
+        cuda_time(
+            lambda i: _window_call(H, D, b, w, path, *bufs[i % len(bufs)]),
+            warmup=args.warmup,
+            iters=args.iters,
+        )
+    )
+    rec["tflops_band"] = 4 * D * H * visible_pairs(b, w - 1 + b, w) * 2.5 / (rec["median_ms"] * 1e-3) / 1e12
+    return rec
+
+
+def check_window(H: int, D: int, b: int, w: int, path: str) -> dict[str, float]:
+    """Relative error of out, dq, dk, dv (new keys) of a window path (bf16) vs fp32 math on the same inputs."""
+    xs = _window_inputs(torch.Generator(device="cuda").manual_seed(7), H, D, b, w, torch.bfloat16)
+    fast = _window_call(H, D, b, w, path, *xs)
+    q, k, v, kw, vw, do = (t.detach().float().requires_grad_(t.requires_grad) for t in xs)
+    kf, vf = torch.cat((kw[:, :, : w - 1], k), 2), torch.cat((vw[:, :, : w - 1], v), 2)
+    o = _math_attention(q, kf, vf, w)
+    ref = (o, *torch.autograd.grad(o, (q, k, v), do))
+    errs = [float((a.float() - r).norm() / r.norm()) for a, r in zip(fast, ref, strict=True)]
+    return dict(zip(("out", "dq", "dk", "dv"), errs, strict=True))
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by --triton-sweep: forward on the prefix shape, dQ in the window step
+FWD_SWEEP = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)]
+DQ_SWEEP = [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4)]
+
+
+def triton_sweep(H: int, D: int, b: int, w: int, args: Any) -> dict[str, Any]:
+    """Each launch config of our forward (prefix) and dQ (window step) kernels, timed as the defaults are."""
+    from ttt import triton_band as tb
+
+    saved = (tb.FWD_CONFIG, tb.DQ_CONFIG)
+    out: dict[str, Any] = {"prefix_fwd": {}, "window_step": {}}
+    try:
+        for cfg in FWD_SWEEP:
+            tb.FWD_CONFIG = cfg
+            out["prefix_fwd"][str(cfg)] = _safe(time_kernel, _triton_attention, H, D, args.prefix, args.prefix, w,
+                                                False, args)  # fmt: skip
+            log.info("sweep fwd %s %s", cfg, out["prefix_fwd"][str(cfg)])
+        tb.FWD_CONFIG = saved[0]
+        for cfg in DQ_SWEEP:
+            tb.DQ_CONFIG = cfg
+            out["window_step"][str(cfg)] = _safe(time_window, H, D, b, w, "triton", args)
+            log.info("sweep dq %s %s", cfg, out["window_step"][str(cfg)])
+    finally:
+        tb.FWD_CONFIG, tb.DQ_CONFIG = saved
+    return out
+
+
 def bench_preset(preset: str, args: Any) -> dict[str, Any]:
     H, D = SHAPES[preset]
     w, b = args.window, args.chunk
@@ -169,14 +269,25 @@ def bench_preset(preset: str, args: Any) -> dict[str, Any]:
                 out["checks"][name] = {"error": error_text(e)}
             log.info("%s check %s %s", preset, name, out["checks"][name])
         torch.cuda.empty_cache()
+    if "chunk" in args.parts:
+        out["window_step"] = {name: _safe(time_window, H, D, b, w, name, args) for name in WINDOW_PATHS}
+        out["checks"].update(
+            {f"window {name}": _safe(check_window, H, D, b, w, name) for name in WINDOW_PATHS}
+        )
+        log.info("%s window step %s", preset, out["window_step"])
+    if args.triton_sweep:
+        out["triton_sweep"] = triton_sweep(H, D, b, w, args)
     if "prefix" not in args.parts:
         return out
-    prefix_kernels = {"fa2": _fa2_attention, "flex": _flex_with(None), "band": _band_attention}
+    prefix_kernels = {"fa2": _fa2_attention, "flex": _flex_with(None), "band": _band_attention,
+                      "triton": _triton_attention}  # fmt: skip
     for tq, tk in ((4096, 4096), (3000, 3000 + 1023)):  # band is forward only: its own check, window 1024
-        try:
-            out["checks"][f"band prefix {tq}x{tk}"] = check_forward(_band_attention, H, D, tq, tk, 1024)
-        except Exception as e:  # noqa: BLE001
-            out["checks"][f"band prefix {tq}x{tk}"] = {"error": error_text(e)}
+        for name in ("band", "triton"):
+            try:
+                err = check_forward(prefix_kernels[name], H, D, tq, tk, 1024)
+            except Exception as e:  # noqa: BLE001
+                err = {"error": error_text(e)}
+            out["checks"][f"{name} prefix {tq}x{tk}"] = err
     log.info("%s band checks %s", preset, {k: v for k, v in out["checks"].items() if k.startswith("band")})
     for name, fn in prefix_kernels.items():
         try:
@@ -197,6 +308,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--rotate", type=int, default=3)
     p.add_argument("--parts", nargs="+", default=["chunk", "prefix"], choices=["chunk", "prefix"])
+    p.add_argument(
+        "--triton-sweep", action="store_true", help="time each launch config of our Triton kernels"
+    )
     p.add_argument("--out", default=None)
     p.add_argument("--name", default="attention-kernels")
     args = p.parse_args(argv)

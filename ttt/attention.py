@@ -19,6 +19,9 @@ Backends:
 - ``"band"``: the exact band as two square causal passes of cuDNN's fused kernel (each query block over its own keys;
   time-reversed, over the previous block's) merged by their log-sum-exps. Forward only, for the long prefix pass
   (``LONG_BACKEND = "band"`` opts in; H100, 3b: 42.2 ms per 128K layer vs Flex 38.6 ms, so not the default).
+- ``"triton"``: our Triton band kernels (``ttt/triton_band.py``): exact head dims (80 = 64 + 16, no padding), a
+  backward that returns dK/dV only where asked. First-order; CUDA fp16/bf16 (or Triton's CPU interpreter). In a
+  TTT chunk step (``attention_in_window``) its backward skips the committed keys' dK/dV, which FA-2 computes.
 - ``"auto"``: flash when usable; sdpa (fused causal kernels) when the window covers every key; otherwise
   ``LONG_BACKEND`` / ``CHUNK_BACKEND`` (fa2 or flex) by input length, see ``auto_backend``.
 
@@ -43,7 +46,7 @@ except Exception:  # pragma: no cover - flash-attn absent on CPU machines
     _flash_attn_func = None
     FLASH_ATTN_AVAILABLE = False
 
-BACKENDS = ("auto", "math", "sdpa", "flash", "fa2", "flex", "band")
+BACKENDS = ("auto", "math", "sdpa", "flash", "fa2", "flex", "band", "triton")
 # calls per resolved backend since the last reset (benchmarks report which kernels actually ran)
 BACKEND_CALLS: Counter[str] = Counter()
 # sdpa with a band mask runs query blocks of this size, so the boolean mask stays (block, block + window)
@@ -56,6 +59,9 @@ FLEX_MIN_QUERIES = 16384  # auto: flex for whole-sequence calls only from this m
 # queries over 9,215 keys) forward + backward fa2 1.56 ms vs flex 1.99 ms, and fa2 compiles nothing.
 LONG_BACKEND = "flex"
 CHUNK_BACKEND = "fa2"
+# forward kernel of the "triton" chunk path in attention_in_window: "triton" (ours) or "fa2" (FA-2's forward, whose
+# log-sum-exp feeds our backward just the same)
+TRITON_WINDOW_FWD = "triton"
 
 
 def band_mask(tq: int, tk: int, window: int | None, device: torch.device | None = None) -> torch.Tensor:
@@ -142,6 +148,57 @@ def _fa2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: in
         window_size_left=left, window_size_right=0,
     )[0]  # fmt: skip
     return out.transpose(1, 2)  # (B, H, Tq, D)
+
+
+def _fa2_forward_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FA-2's forward with its log-sum-exp: (out (B, H, Tq, D), lse (B, H, Tq) fp32, natural log)."""
+    tq, tk = q.shape[2], k.shape[2]
+    left = -1 if _window_covers_all(tq, tk, window) else window - 1  # type: ignore[operator]
+    out, lse = torch.ops.aten._flash_attention_forward(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, tq, tk, 0.0, True, False,
+        window_size_left=left, window_size_right=0,
+    )[:2]  # fmt: skip
+    return out.transpose(1, 2), lse[:, :, :tq]
+
+
+class _TritonBand(torch.autograd.Function):
+    """Band attention through ``ttt.triton_band``: forward saves (out, lse); backward gives dq, dk, dv (first
+    order)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, window):  # noqa: ANN001, ANN205 - autograd.Function signature
+        from ttt import triton_band
+
+        out, lse = triton_band.band_forward(q, k, v, window)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.window = window
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        from ttt import triton_band
+
+        q, k, v, out, lse = ctx.saved_tensors
+        go = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+        dq, dk, dv = triton_band.band_backward(q, k, v, out, lse, go, ctx.window, kv_grad_from=0)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+def _triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return _TritonBand.apply(q, k, v, window)
+    from ttt import triton_band
+
+    return triton_band.band_forward(q, k, v, window)[0]
+
+
+def triton_usable(q: torch.Tensor) -> bool:
+    """``ttt.triton_band`` takes q: Triton importable, CUDA half precision (or the interpreter), a split head dim."""
+    from ttt import triton_band
+
+    return triton_band.usable(q)
 
 
 # ---- FlexAttention ---------------------------------------------------------------------------------
@@ -337,6 +394,8 @@ def auto_backend(q: torch.Tensor, tk: int, window: int | None) -> str:
     flex_ok = flex_usable(q) and (long or tq < window)
     usable = {"fa2": fa2_usable(q), "flex": flex_ok, "band": long and band_usable(q, tk, window)}
     first = LONG_BACKEND if long else CHUNK_BACKEND
+    if first == "triton":  # asked only when chosen: the first call imports triton
+        usable["triton"] = triton_usable(q)
     for name in (first, "fa2", "flex"):
         if usable.get(name):
             return name
@@ -380,6 +439,8 @@ def attention(
     if backend == "band":
         assert window is not None, "the band backend needs a window"
         return _band_attention(q, k.to(q.dtype), v.to(q.dtype), window)
+    if backend == "triton":
+        return _triton_attention(q, k.to(q.dtype), v.to(q.dtype), window)
     raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")
 
 
@@ -394,11 +455,20 @@ class _WindowAttention(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, v, win, window, backend):  # noqa: ANN001, ANN205 - autograd.Function signature
+    def forward(ctx, q, k, v, win, window, backend, key_lo):  # noqa: ANN001, ANN205 - autograd.Function signature
         k_win, v_win = win
         n = k.shape[2]
         k_win[:, :, -n:].copy_(k)  # (B, Hkv, n, D) into the free slots
         v_win[:, :, -n:].copy_(v)
+        if backend == "auto":
+            backend = auto_backend(q, k_win.shape[2], window)
+        ctx.triton = backend == "triton"
+        assert ctx.triton or key_lo is None, (
+            f"a window that is still filling up needs the triton backend, not {backend}"
+        )
+        if ctx.triton:  # our kernels: the backward computes dK/dV for the n new keys only
+            BACKEND_CALLS[backend] += 1
+            return _WindowAttention._triton_forward(ctx, q, k_win, v_win, window, n, key_lo)
         if not any(ctx.needs_input_grad[:3]):  # nothing to differentiate: no inner graph
             return attention(q, k_win, v_win, window=window, backend=backend)
         with torch.enable_grad():
@@ -408,11 +478,36 @@ class _WindowAttention(torch.autograd.Function):
         return out.detach()
 
     @staticmethod
+    def _triton_forward(ctx, q, k_win, v_win, window, n, key_lo):  # noqa: ANN001, ANN205
+        from ttt import triton_band
+
+        if TRITON_WINDOW_FWD == "fa2" and key_lo is None and fa2_usable(q):
+            out, lse = _fa2_forward_lse(q, k_win, v_win, window)
+        else:
+            out, lse = triton_band.band_forward(q, k_win, v_win, window, key_lo=key_lo)
+        if any(ctx.needs_input_grad[:3]):
+            # attributes, not save_for_backward: the window buffers are rewritten after the step's backward
+            ctx.saved = (q, k_win, v_win, out, lse, key_lo)
+            ctx.window, ctx.n = window, n
+        return out
+
+    @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        if ctx.triton:
+            from ttt import triton_band
+
+            q, k_win, v_win, out, lse, key_lo = ctx.saved
+            del ctx.saved
+            go = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+            start = k_win.shape[2] - ctx.n
+            dq, dk, dv = triton_band.band_backward(
+                q, k_win, v_win, out, lse, go, ctx.window, kv_grad_from=start, key_lo=key_lo
+            )
+            return dq.to(q.dtype), dk.to(k_win.dtype), dv.to(v_win.dtype), None, None, None, None
         dq, dk, dv = torch.autograd.grad(ctx.out, ctx.leaves, grad_out)
         n = ctx.n
         del ctx.leaves, ctx.out
-        return dq, dk[:, :, -n:], dv[:, :, -n:], None, None, None
+        return dq, dk[:, :, -n:], dv[:, :, -n:], None, None, None, None
 
 
 def attention_in_window(
@@ -424,15 +519,19 @@ def attention_in_window(
     *,
     window: int | None,
     backend: str = "auto",
+    key_lo: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``attention(q, cat(cache_k, k), cat(cache_v, v))`` without the cat: ``k_win``/``v_win`` (B, Hkv, Tk, D) hold
     the cache in their first ``Tk - Tq`` positions and receive k, v (B, Hkv, Tq, D) in their last ``Tq`` (written in
-    place). Gradients flow to q, k and v; the window buffers are not differentiated."""
+    place). Gradients flow to q, k and v; the window buffers are not differentiated. ``key_lo`` (one int32 on the
+    device, triton backend only): the cache starts there, the positions before it are empty."""
     assert k_win.shape[2] >= k.shape[2] and k_win.shape[:2] == k.shape[:2], (
         f"window {tuple(k_win.shape)} cannot take keys {tuple(k.shape)}"
     )
     assert not k_win.requires_grad and not v_win.requires_grad, "window buffers must not require grad"
-    return _WindowAttention.apply(q, k.to(k_win.dtype), v.to(v_win.dtype), (k_win, v_win), window, backend)
+    return _WindowAttention.apply(
+        q, k.to(k_win.dtype), v.to(v_win.dtype), (k_win, v_win), window, backend, key_lo
+    )
 
 
 def available_backends(device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> list[str]:

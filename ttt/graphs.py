@@ -61,11 +61,21 @@ def capture(fn: Callable[[], Any], warmup: int = 2, pool: Any = None) -> tuple[t
 class RingKV:
     """The TTT blocks' caches of a graphed prefill, in place (see the module docstring)."""
 
-    def __init__(self, kv: list[KV], window: int, chunk: int, theta: float, interleaved: bool) -> None:
+    def __init__(
+        self, kv: list[KV], window: int, chunk: int, theta: float, interleaved: bool, masked: bool = False
+    ) -> None:
         k0 = kv[0][0]
-        B, Hkv, n, D = k0.shape  # n = window - 1 committed keys
-        assert n == window - 1, f"a ring starts from full caches of {window - 1} keys, got {n}"
+        B, Hkv, m, D = k0.shape
+        n = window - 1  # committed keys a step attends over once the caches are full
+        assert m == n or (masked and m < n), (
+            f"a ring starts from full caches of {n} keys (or masked), got {m}"
+        )
         self.n, self.b = n, chunk
+        # masked: caches still filling up are right-aligned in the window, key_lo (window-relative) marks the first
+        # key; the attention reads it from the device, so one captured step serves every fill level
+        self.masked = masked
+        self.valid = m
+        self.key_lo = torch.zeros(1, dtype=torch.int32, device=k0.device)
         self.phases = max(1, math.ceil(n / chunk))  # phases * b >= n: the wrap copy never overlaps itself
         size = n + self.phases * chunk
         self.theta, self.interleaved, self.head_dim = theta, interleaved, D
@@ -88,33 +98,37 @@ class RingKV:
         return rope_cos_sin(pos, self.head_dim, self.theta, self.rope_dtype)
 
     def load(self, kv: list[KV]) -> None:
-        """Committed pre-RoPE caches (B, Hkv, n, D) in at positions 0..n-1; phase 0."""
-        cos, sin = self._cos_sin(0, self.n)
+        """Committed pre-RoPE caches (B, Hkv, m, D), m = n (or fewer when masked), in at positions n-m..n-1;
+        phase 0."""
+        n, m = self.n, kv[0][0].shape[2]
+        assert m == n or (self.masked and m < n), f"caches of {m} keys in a ring of {n} that is not masked"
+        cos, sin = self._cos_sin(n - m, m)
         for (k, v), kr, kq, vb in zip(kv, self.k_raw, self.k_rot, self.v, strict=True):
-            kr[:, :, : self.n].copy_(k)
-            vb[:, :, : self.n].copy_(v)
-            kq[:, :, : self.n].copy_(rope_rotate(k, cos, sin, self.interleaved))
-        self.phase, self.steps = 0, 0
+            kr[:, :, n - m : n].copy_(k)
+            vb[:, :, n - m : n].copy_(v)
+            kq[:, :, n - m : n].copy_(rope_rotate(k, cos, sin, self.interleaved))
+        self.phase, self.steps, self.valid = 0, 0, m
 
     def committed(self) -> list[KV]:
-        """Views of the pre-RoPE caches before the next step: (B, Hkv, n, D) each."""
-        s = self.phase * self.b
-        return [
-            (kr[:, :, s : s + self.n], vb[:, :, s : s + self.n])
-            for kr, vb in zip(self.k_raw, self.v, strict=True)
-        ]
+        """Views of the pre-RoPE caches before the next step: (B, Hkv, m, D) each, m = the keys held (<= n)."""
+        e = self.phase * self.b + self.n
+        return [(kr[:, :, e - self.valid : e], vb[:, :, e - self.valid : e])
+                for kr, vb in zip(self.k_raw, self.v, strict=True)]  # fmt: skip
 
     def windows(self, phase: int) -> list[CacheWindow]:
         """What a step in ``phase`` attends over: n committed + b free positions per block."""
         s, e = phase * self.b, phase * self.b + self.n + self.b
-        return [CacheWindow(k=kq[:, :, s:e], v=vb[:, :, s:e], cos=self.cos, sin=self.sin)
+        lo = self.key_lo if self.masked else None
+        return [CacheWindow(k=kq[:, :, s:e], v=vb[:, :, s:e], cos=self.cos, sin=self.sin, key_lo=lo)
                 for kq, vb in zip(self.k_rot, self.v, strict=True)]  # fmt: skip
 
     def set_positions(self) -> None:
-        """The coming chunk's cos/sin (outside the graph: a few tiny kernels per chunk)."""
+        """The coming chunk's cos/sin and first cached key (outside the graph: a few tiny kernels per chunk)."""
         cos, sin = self._cos_sin(self.n + self.steps * self.b, self.b)
         self.cos.copy_(cos)
         self.sin.copy_(sin)
+        if self.masked:
+            self.key_lo.fill_(self.n - self.valid)
 
     def commit(self, new_k: list[torch.Tensor], phase: int) -> None:
         """Inside the step: the chunk's pre-RoPE keys (B, Hkv, b, D) into their slots (the attention wrote the
@@ -129,6 +143,7 @@ class RingKV:
 
     def advance(self) -> None:
         self.phase, self.steps = (self.phase + 1) % self.phases, self.steps + 1
+        self.valid = min(self.n, self.valid + self.b)
 
     def owns(self, t: torch.Tensor) -> bool:
         return any(t.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
@@ -145,7 +160,8 @@ class ChunkStepGraph:
         cfg = model.cfg
         assert cfg.window is not None and supported(h), "chunk graphs need a windowed model on CUDA"
         assert h.shape[1] == cfg.ttt_chunk, f"a graph step takes whole chunks, got {h.shape[1]} inputs"
-        assert all(k.shape[2] == cfg.window - 1 for k, _ in kv), "a graph step needs full caches"
+        masked = masked_steps(model, h, backend)
+        assert all(k.shape[2] == cfg.window - 1 or masked for k, _ in kv), "a graph step needs full caches"
         self.model, self.backend = model, backend
         self.params = [p for p in model.parameters()]  # the graph reads them at these addresses
         self.param_ptrs = self.addresses()
@@ -160,7 +176,7 @@ class ChunkStepGraph:
             if lp == next(iter(fast.values())).dtype
             else {k: torch.empty(v.shape, dtype=lp, device=v.device) for k, v in self.fast.items()}
         )
-        self.ring = RingKV(kv, cfg.window, cfg.ttt_chunk, cfg.rope_theta, cfg.rope_interleaved)
+        self.ring = RingKV(kv, cfg.window, cfg.ttt_chunk, cfg.rope_theta, cfg.rope_interleaved, masked)
         P = self.ring.phases
         self.graphs: list[Any] = [None] * P  # torch.cuda.CUDAGraph per phase
         self.out_last: list[torch.Tensor | None] = [None] * P  # (B, V) logits of the chunk's last input
@@ -181,8 +197,11 @@ class ChunkStepGraph:
         return fast or self.ring.owns(t)
 
     @staticmethod
-    def key(fast: dict[str, torch.Tensor], kv: list[KV], h: torch.Tensor, backend: str) -> tuple:
-        return (h.shape, h.dtype, kv[0][0].dtype, next(iter(fast.values())).dtype, backend, h.device)
+    def key(
+        model: TTTModel, fast: dict[str, torch.Tensor], kv: list[KV], h: torch.Tensor, backend: str
+    ) -> tuple:
+        dtypes = (h.dtype, kv[0][0].dtype, next(iter(fast.values())).dtype)
+        return (h.shape, *dtypes, backend, masked_steps(model, h, backend), h.device)
 
     def load(self, fast: dict[str, torch.Tensor], kv: list[KV]) -> None:
         """Copy a state's fast weights and caches into the buffers (skipped for the buffers themselves)."""
@@ -192,7 +211,7 @@ class ChunkStepGraph:
                 if self.shadow is not None:
                     self.shadow[name].copy_(w)
         mine = self.ring.committed()
-        if any(k.data_ptr() != rk.data_ptr() or v.data_ptr() != rv.data_ptr()
+        if any(k.data_ptr() != rk.data_ptr() or v.data_ptr() != rv.data_ptr() or k.shape != rk.shape
                for (k, v), (rk, rv) in zip(kv, mine, strict=True)):  # fmt: skip
             self.ring.load(kv)
 
@@ -236,12 +255,27 @@ class ChunkStepGraph:
         return last, nll
 
 
+def masked_steps(model: TTTModel, h: torch.Tensor, backend: str) -> bool:
+    """Whether the chunk steps' attention runs our Triton kernels (``backend``, or auto's chunk choice), which read
+    the first cached key from the device: then one graph serves caches that are still filling up (the first
+    ``window / b`` chunks of a sequence), not only full ones."""
+    from ttt import attention as att
+
+    cfg = model.cfg
+    q = h.new_empty(
+        h.shape[0], cfg.n_heads, h.shape[1], cfg.head_dim
+    )  # what the TTT blocks' attention receives
+    assert cfg.window is not None, "chunk graphs need a windowed model"
+    tk = cfg.window - 1 + h.shape[1]
+    return (att.auto_backend(q, tk, cfg.window) if backend == "auto" else backend) == "triton"
+
+
 def chunk_graph(
     model: TTTModel, fast: dict[str, torch.Tensor], kv: list[KV], h: torch.Tensor, backend: str
 ) -> ChunkStepGraph:
     """The cached graph for this model and these shapes, captured on first use."""
     graphs: dict[tuple, Any] = _GRAPHS.setdefault(model, {})
-    key = ChunkStepGraph.key(fast, kv, h, backend)
+    key = ChunkStepGraph.key(model, fast, kv, h, backend)
     if key in graphs and graphs[key].addresses() != graphs[key].param_ptrs:
         del graphs[key]  # captured over parameters that have since moved: replaying would read freed memory
     if key not in graphs:

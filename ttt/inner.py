@@ -371,17 +371,22 @@ class _SuffixRun:
         return last, nll[:, n_pend:]
 
     def _graph_ready(self, n_pend: int, committed: list[KV], h: torch.Tensor) -> bool:
-        """A whole chunk on CUDA with full caches and nothing pending: the captured step applies."""
+        """A whole chunk on CUDA with full caches (or caches still filling up, when the step's attention takes a
+        device-side first key: ``graphs.masked_steps``) and nothing pending: the captured step applies."""
         from ttt import graphs
 
         w = self.model.cfg.window
+        if not (CHUNK_GRAPHS and graphs.supported(h) and w is not None and n_pend == 0):
+            return False
+        if h.shape[1] != self.model.cfg.ttt_chunk:
+            return False
+        if all(k.shape[2] == w - 1 for k, _ in committed):
+            return True
+        m = committed[0][0].shape[2]
         return (
-            CHUNK_GRAPHS
-            and graphs.supported(h)
-            and w is not None
-            and n_pend == 0
-            and h.shape[1] == self.model.cfg.ttt_chunk
-            and all(k.shape[2] == w - 1 for k, _ in committed)
+            all(k.shape[2] == m for k, _ in committed)
+            and m < w - 1
+            and graphs.masked_steps(self.model, h, self.backend)
         )
 
     def release_graph(self) -> None:

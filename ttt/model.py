@@ -156,6 +156,8 @@ class CacheWindow:
     v: torch.Tensor
     cos: torch.Tensor
     sin: torch.Tensor
+    # one int32 on the device: window positions before it hold no key yet (a cache still filling up); None = full
+    key_lo: torch.Tensor | None = None
 
 
 class Attention(nn.Module):
@@ -185,7 +187,9 @@ class Attention(nn.Module):
         if isinstance(cache, CacheWindow):  # cached keys rotated once, when written: only the new ones here
             q = rope_rotate(q, cache.cos, cache.sin, cfg.rope_interleaved)
             k_rot = rope_rotate(k, cache.cos, cache.sin, cfg.rope_interleaved)
-            o = attention_in_window(q, k_rot, v, cache.k, cache.v, window=cfg.window, backend=backend)
+            o = attention_in_window(
+                q, k_rot, v, cache.k, cache.v, window=cfg.window, backend=backend, key_lo=cache.key_lo
+            )
         else:
             o = self._attend_cached(q, k, v, cache, backend)  # (B, H, T, D)
         return self.wo(o.transpose(1, 2).reshape(B, T, -1)), (k, v)

@@ -1,0 +1,127 @@
+"""Our Triton band-attention kernels (``ttt/triton_band.py``) against float64 math on the CPU, through Triton's
+interpreter in a subprocess (``TRITON_INTERPRET=1`` must be set before triton compiles anything, and the GPU
+tests of the same session need it unset). Skipped where triton is not installed (CPU wheels of torch ship
+without it); the same kernels run compiled, in bf16, in ``tests/test_ttt_gpu.py``."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _interpreter_ok() -> str | None:
+    """Why the interpreter cannot run here, or None."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (it comes with CUDA builds of torch)"
+    import numpy as np
+
+    if (
+        int(np.__version__.split(".")[0]) >= 2
+    ):  # its scalars are 1-element arrays, which numpy 2 will not index
+        return "Triton's CPU interpreter needs numpy < 2"
+    return None
+
+
+def _run(script: str) -> str:
+    reason = _interpreter_ok()
+    if reason:
+        pytest.skip(reason)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True,
+                         timeout=600)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    return res.stdout
+
+
+def test_split_head_dim_covers_the_presets_and_refuses_odd_tails() -> None:
+    from ttt.triton_band import split_head_dim
+
+    assert split_head_dim(80) == (64, 16) and split_head_dim(64) == (64, 0) and split_head_dim(96) == (64, 32)
+    assert split_head_dim(128) == (128, 0) and split_head_dim(48) == (32, 16)
+    assert split_head_dim(72) is None and split_head_dim(112) is None and split_head_dim(8) is None
+
+
+def test_band_kernels_equal_float64_in_the_interpreter() -> None:
+    """Forward (out, log-sum-exp) and backward (dq over every key, dk/dv from ``kv_grad_from``) == float64 math:
+    chunk shapes (queries the last Tq of Tk keys), square prefixes, GQA, head dims with and without a tail, a
+    window wider than every distance, blocks where the unmasked middle loop runs, and a key range."""
+    out = _run(
+        """
+        import math, torch
+        from ttt import triton_band as tb
+        from ttt.attention import band_mask
+
+        def ref(q, k, v, w, lo=0, hi=None):
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+            s = (q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1])
+            m = band_mask(q.shape[2], k.shape[2], w)
+            m[:, :lo] = False
+            m[:, hi or k.shape[2]:] = False
+            s = s.masked_fill(~m, float("-inf"))
+            return torch.softmax(s, -1) @ v, torch.logsumexp(s, -1)
+
+        torch.manual_seed(0)
+        worst = 0.0
+        for B, H, Hkv, tq, tk, D, w in [(1, 2, 2, 40, 100, 80, 30), (2, 4, 2, 64, 64, 32, 17),
+                                        (1, 2, 1, 70, 200, 48, 64), (1, 1, 1, 130, 130, 64, None),
+                                        (1, 1, 1, 256, 1024, 80, 512), (1, 2, 2, 33, 300, 80, 200)]:
+            q = torch.randn(B, tq, H, D).transpose(1, 2)  # strided, as the model's projections give it
+            k, v = torch.randn(B, Hkv, tk, D), torch.randn(B, Hkv, tk, D)
+            out, lse = tb.band_forward(q, k, v, w)
+            qd, kd, vd = (t.double().requires_grad_(True) for t in (q, k, v))
+            ro, rl = ref(qd, kd, vd, w)
+            go = torch.randn_like(ro)
+            ro.backward(go)
+            start = tk - tq // 2
+            dq, dk, dv = tb.band_backward(q, k, v, out, lse, go.float(), w, kv_grad_from=start)
+            assert dk.shape[2] == tk - start
+            for a, b in ((out, ro), (lse, rl), (dq, qd.grad), (dk, kd.grad[:, :, start:]), (dv, vd.grad[:, :, start:])):
+                worst = max(worst, (a.double() - b).abs().max().item() / b.abs().max().item())
+        q, k, v = torch.randn(1, 2, 40, 32), torch.randn(1, 2, 160, 32), torch.randn(1, 2, 160, 32)
+        out, lse = tb.band_forward(q, k, v, 64, k_range=(50, 120))
+        ro, rl = ref(q.double(), k.double(), v.double(), 64, 50, 120)
+        worst = max(worst, (out.double() - ro).abs().max().item(), (lse.double() - rl).abs().max().item())
+        print("worst", worst)
+        """
+    )
+    worst = float(out.split()[-1])
+    assert worst < 1e-5, out
+
+
+def test_window_step_with_triton_equals_math_in_the_interpreter() -> None:
+    """A TTT chunk step's attention as the model calls it (``attention_in_window``, new keys written into the
+    window): the triton path's out and gradients (q, the new keys and values) == explicit attention over the
+    concatenated keys; the window buffers receive the new keys either way."""
+    out = _run(
+        """
+        import torch
+        from ttt.attention import BACKEND_CALLS, attention, attention_in_window
+
+        torch.manual_seed(1)
+        B, H, Hkv, D, b, w = 2, 4, 2, 80, 48, 100
+        q = torch.randn(B, H, b, D, requires_grad=True)
+        k, v = (torch.randn(B, Hkv, b, D, requires_grad=True) for _ in range(2))
+        kw, vw = torch.randn(B, Hkv, w - 1 + b, D), torch.randn(B, Hkv, w - 1 + b, D)
+        cache_k, cache_v = kw[:, :, : w - 1].clone(), vw[:, :, : w - 1].clone()
+        o = attention_in_window(q, k, v, kw, vw, window=w, backend="triton")
+        assert BACKEND_CALLS["triton"] == 1
+        assert torch.equal(kw[:, :, w - 1:], k.detach()) and torch.equal(vw[:, :, w - 1:], v.detach())
+        go = torch.randn_like(o)
+        got = (o, *torch.autograd.grad(o, (q, k, v), go))
+        qd, kd, vd = (t.detach().double().requires_grad_(True) for t in (q, k, v))
+        r = attention(qd, torch.cat((cache_k.double(), kd), 2), torch.cat((cache_v.double(), vd), 2), window=w,
+                      backend="math")
+        want = (r, *torch.autograd.grad(r, (qd, kd, vd), go.double()))
+        print("worst", max((a.double() - b).abs().max().item() / b.abs().max().item() for a, b in zip(got, want)))
+        """
+    )
+    assert float(out.split()[-1]) < 1e-5, out
