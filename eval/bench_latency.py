@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import math
 import os
@@ -27,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -586,6 +588,31 @@ def _summary(res: dict[str, Any], preset: str) -> dict[str, Any]:
     }
 
 
+def merge_runs(paths: list[str]) -> dict[str, Any]:
+    """Several runs of one session (same device, same code) as one record: each (length, system) prefill from the
+    last file that timed it (list the run whose FA and TTT-E2E timings should pair last), memory / decode / train /
+    profile sections from the last file that has them, and the summary recomputed over the whole; ``merged_from``
+    lists the files with their timestamps, git shas and configs."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    gpus = {r["device"]["gpu"] for r in runs}
+    assert len(gpus) == 1, f"runs from different GPUs do not merge: {sorted(gpus)}"
+    res: dict[str, Any] = {"device": runs[-1]["device"], "merged_from": [], "prefill_batch1": []}
+    by_len: dict[int, dict[str, Any]] = {}
+    for path, r in zip(paths, runs, strict=True):
+        res["merged_from"].append({"file": Path(path).name, "timestamp": r.get("timestamp"),
+                                   "git_sha": r.get("git_sha"), "config": r.get("config")})  # fmt: skip
+        for rec in r.get("prefill_batch1", []):  # per length and system: a later file's timing wins
+            by_len.setdefault(rec["T"], {}).update(rec)
+        for key in ("memory", "decode", "train", "profile", "check", "attention_auto", "matmul_peak_tflops"):
+            if r.get(key) is not None:
+                res[key] = r[key]
+    res["prefill_batch1"] = [by_len[T] for T in sorted(by_len)]
+    preset = {r["config"]["preset"] for r in runs}
+    assert len(preset) == 1, f"runs of different presets do not merge: {sorted(preset)}"
+    res["summary"] = _summary(res, preset.pop())
+    return res
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="125m")
@@ -603,8 +630,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--fa-max", type=int, default=1 << 20, help="longest length to time full attention at")
     p.add_argument("--fa-full-max", type=int, default=131072, help="above: FA = one block x n_layers")
     p.add_argument("--backend", default="auto", help="attention backend of the TTT path")
-    p.add_argument("--chunk-backend", default=None, help="auto's choice below FLEX_MIN_QUERIES: fa2 | flex")
-    p.add_argument("--long-backend", default=None, help="auto's choice for long inputs: flex | fa2 | band")
+    p.add_argument(
+        "--chunk-backend", default=None, help="auto's choice below FLEX_MIN_QUERIES: triton | fa2 | flex"
+    )
+    p.add_argument(
+        "--long-backend", default=None, help="auto's choice for long inputs: triton | flex | fa2 | band"
+    )
     p.add_argument("--eager-head", action="store_true", help="chunk steps use the eager head (no fused NLL)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
@@ -631,6 +662,9 @@ def _parser() -> argparse.ArgumentParser:
         "--checkpoint", action="store_true", help="meta_loss with per-chunk activation checkpointing"
     )
     p.add_argument("--smoke", action="store_true", help="name the results file latency-<preset>-smoke")
+    p.add_argument(
+        "--merge", nargs="+", default=None, help="result JSONs of one session to merge (no GPU run)"
+    )
     p.add_argument("--out", default=None)
     p.add_argument("--name", default=None)
     return p
@@ -639,6 +673,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.merge:  # no GPU needed: combine result files of one session
+        res = merge_runs(args.merge)
+        write_results(args.name or "latency-merged", res, args.out)
+        log.info("summary %s", res["summary"])
+        return res
     assert torch.cuda.is_available(), "bench_latency needs a CUDA GPU"
     # long FA prefills/decodes allocate caches of tens of GB between smaller tensors: without expandable
     # segments the allocator fragments (measured: 23 GB reserved but unallocated at a 128K FA decode OOM)

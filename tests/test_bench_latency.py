@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from eval.bench_latency import _summary, bench_memory
+from eval.bench_latency import _summary, bench_memory, merge_runs
 from ttt import ModelConfig, TTTModel
 
 
@@ -90,3 +92,38 @@ def test_profile_summary_shares_and_categories() -> None:
     assert abs(sum(c["share"] for c in s["by_category"].values()) - 1.0) < 1e-12
     assert s["by_category"]["matmul"]["share"] == 0.6 and list(s["by_category"])[0] == "matmul"
     assert [k["name"] for k in s["top_kernels"]] == ["sm90_xmma_gemm_a", "triton_poi_fused_1"]
+
+
+def test_merge_runs_pairs_each_length_from_the_last_file_that_timed_it(tmp_path) -> None:
+    """Runs of one session merge per (length, system): a later file's timing wins, the others stay, the summary is
+    recomputed; runs from another GPU are refused."""
+    dev = {"gpu": "H100"}
+
+    def run(name: str, prefill: list, **extra) -> str:  # noqa: ANN001, ANN003
+        rec = {
+            "device": dev,
+            "config": {"preset": "3b"},
+            "timestamp": name,
+            "git_sha": "abc",
+            "prefill_batch1": prefill,
+        }
+        (tmp_path / name).write_text(json.dumps({**rec, **extra}))
+        return str(tmp_path / name)
+
+    a = run("a.json", [{"T": 131072, "e2e": {"s_per_1k": 0.05}}, {"T": 8192, "e2e": {"s_per_1k": 0.04}}],
+            profile=[{"T": 131072}])  # fmt: skip
+    b = run("b.json", [{"T": 131072, "e2e": {"s_per_1k": 0.03, "mfu": 0.5}, "fa": {"s_per_1k": 0.06}}])
+    res = merge_runs([a, b])
+    assert [r["T"] for r in res["prefill_batch1"]] == [8192, 131072]
+    assert res["summary"]["prefill_speedup_vs_fa_128k_3b"] == pytest.approx(2.0)  # b's pair, not a's e2e
+    assert res["summary"]["prefill_flatness_128k_over_8k"] == pytest.approx(0.75)
+    assert res["profile"] == [{"T": 131072}] and [m["file"] for m in res["merged_from"]] == [
+        "a.json",
+        "b.json",
+    ]
+    other = tmp_path / "c.json"
+    other.write_text(
+        json.dumps({"device": {"gpu": "H200"}, "config": {"preset": "3b"}, "prefill_batch1": []})
+    )
+    with pytest.raises(AssertionError, match="different GPUs"):
+        merge_runs([a, str(other)])

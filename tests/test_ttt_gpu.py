@@ -96,8 +96,9 @@ def test_auto_takes_the_band_split_only_when_opted_in_and_without_grad(monkeypat
 
     q = torch.randn(1, 4, 2048, 64, device="cuda", dtype=torch.bfloat16)
     monkeypatch.setattr(att, "FLEX_MIN_QUERIES", 1024)
+    monkeypatch.setattr(att, "LONG_BACKEND", "flex")
     with torch.no_grad():
-        assert att.auto_backend(q, 2048, 512) == "flex"  # the default long backend
+        assert att.auto_backend(q, 2048, 512) == "flex"
         monkeypatch.setattr(att, "LONG_BACKEND", "band")
         assert att.auto_backend(q, 2048, 512) == "band"
         assert att.auto_backend(q, 2048 + 100, 512) != "band"  # 100 cached keys: a shape the split refuses
@@ -123,11 +124,18 @@ def test_prefill_flex_and_graphed_decode_match_reference_on_cuda() -> None:
 
 
 @pytest.mark.gpu
-def test_auto_backend_compiles_flex_only_for_repeating_or_long_shapes() -> None:
+def test_auto_backend_compiles_flex_only_for_repeating_or_long_shapes(monkeypatch) -> None:
     """auto: chunk-shaped calls (Tq < window) and whole sequences from FLEX_MIN_QUERIES take flex; prompts of
     varying length below that take SDPA's band path (no compile per prompt); both equal explicit attention."""
     from ttt import attention as att
     from ttt.attention import BACKEND_CALLS, FLEX_MIN_QUERIES, attention, auto_backend
+
+    if att.triton_usable(torch.zeros(1, 2, 16, 64, device="cuda", dtype=torch.bfloat16)):  # the defaults
+        assert (
+            auto_backend(torch.zeros(1, 2, 1000, 64, device="cuda", dtype=torch.bfloat16), 1000, 512)
+            == "triton"
+        )
+    monkeypatch.setattr(att, "CHUNK_BACKEND", "fa2")
 
     q = torch.zeros(1, 2, 1000, 64, device="cuda")  # fp32: no FlashAttention
     assert auto_backend(q, 1000, 512) == "sdpa"
@@ -327,6 +335,7 @@ def test_graphed_prefill_with_triton_chunks_equals_fa2_on_cuda(monkeypatch) -> N
     m_tr = copy.deepcopy(m)  # graphs are cached per model: one model per chunk backend
     x = torch.randint(0, 512, (2, 1000), device="cuda")
     monkeypatch.setattr(inner, "CHUNK_GRAPHS", True)
+    monkeypatch.setattr(att, "CHUNK_BACKEND", "fa2")
     ref = m.prefill(x)
     monkeypatch.setattr(att, "CHUNK_BACKEND", "triton")
     att.BACKEND_CALLS.clear()

@@ -18,12 +18,13 @@ Backends:
   reuses one kernel; padded and out-of-band blocks are skipped by the block mask. First-order only.
 - ``"band"``: the exact band as two square causal passes of cuDNN's fused kernel (each query block over its own keys;
   time-reversed, over the previous block's) merged by their log-sum-exps. Forward only, for the long prefix pass
-  (``LONG_BACKEND = "band"`` opts in; H100, 3b: 42.2 ms per 128K layer vs Flex 38.6 ms, so not the default).
+  (``LONG_BACKEND = "band"`` opts in; H100, 3b: 41.5 ms per 128K layer vs Flex 37.7 ms and triton 27.6 ms).
 - ``"triton"``: our Triton band kernels (``ttt/triton_band.py``): exact head dims (80 = 64 + 16, no padding), a
   backward that returns dK/dV only where asked. First-order; CUDA fp16/bf16 (or Triton's CPU interpreter). In a
   TTT chunk step (``attention_in_window``) its backward skips the committed keys' dK/dV, which FA-2 computes.
 - ``"auto"``: flash when usable; sdpa (fused causal kernels) when the window covers every key; otherwise
-  ``LONG_BACKEND`` / ``CHUNK_BACKEND`` (fa2 or flex) by input length, see ``auto_backend``.
+  ``LONG_BACKEND`` / ``CHUNK_BACKEND`` (triton by default, measured fastest; then fa2, flex) by input length, see
+  ``auto_backend``.
 
 ``key_pad`` (every backend): the first ``key_pad`` keys are padding and never visible (a constant-shape cache).
 """
@@ -53,14 +54,18 @@ BACKEND_CALLS: Counter[str] = Counter()
 # instead of (T, T); the GPU fast path (FlexAttention) can replace this
 SDPA_QUERY_BLOCK = 4096
 FLEX_MIN_QUERIES = 16384  # auto: flex for whole-sequence calls only from this many queries (see auto_backend)
-# auto's first choice when the window cuts keys off, "flex" or "fa2": for inputs of at least FLEX_MIN_QUERIES
-# queries (the prefix pass of a long input), and for shorter calls (TTT chunks, prompts). H100, 3b shape
-# (eval/results/attention-kernels.json): one 128K prefix layer flex 38.5 ms vs fa2 46.9 ms; one chunk (1,024
-# queries over 9,215 keys) forward + backward fa2 1.56 ms vs flex 1.99 ms, and fa2 compiles nothing.
-LONG_BACKEND = "flex"
-CHUNK_BACKEND = "fa2"
-# forward kernel of the "triton" chunk path in attention_in_window: "triton" (ours) or "fa2" (FA-2's forward, whose
-# log-sum-exp feeds our backward just the same)
+# auto's first choice when the window cuts keys off ("triton", "flex", "fa2" or "band"): for inputs of at least
+# FLEX_MIN_QUERIES queries (the prefix pass of a long input), and for shorter calls (TTT chunks, prompts); when it
+# cannot run, fa2 then flex. H100, 3b shape, one call (eval/results/attention-kernels-triton-s11.json):
+# - one 128K prefix layer: triton 27.6 ms, flex 37.7, band 41.5, fa2 46.5;
+# - a chunk step's attention (1,024 queries over 9,215 keys, gradients for q and the new keys, as the step takes
+#   them): triton 0.93 ms, FA-2 forward + our backward 1.02, fa2 1.65 (it computes dK/dV for all 9,215 keys);
+# - 128K prefill end to end: 0.0332 s per 1K tokens against 0.0418 with flex + fa2 (latency-3b-s11-*.json).
+# Triton compiles per head-dim split and block config, not per length, so prompts of any length reuse its kernels.
+LONG_BACKEND = "triton"
+CHUNK_BACKEND = "triton"
+# forward kernel of the "triton" chunk path in attention_in_window: "triton" (ours: 0.32 ms per 3b chunk vs FA-2's
+# 0.45) or "fa2" (FA-2's forward, whose log-sum-exp feeds our backward just the same)
 TRITON_WINDOW_FWD = "triton"
 
 

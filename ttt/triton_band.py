@@ -36,7 +36,10 @@ except Exception:  # pragma: no cover - CPU wheels of torch ship without triton
     TRITON_AVAILABLE = False
 
 LOG2E = 1.4426950408889634
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel: the H100 choices measured by eval/bench_attention.py
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel. H100, 3b shape, ``eval.bench_attention --triton-sweep``
+# (eval/results/attention-kernels-triton-s11.json): forward on the 128K prefix 27.3 ms at (128, 64, 4, 3) vs 30.4-32.2
+# for (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4); a chunk step's attention 0.90 ms with dQ at
+# (64, 64, 4, 3) vs 1.02-1.13 for (128, 64, 8, 3), (64, 128, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4). dK/dV untuned.
 FWD_CONFIG = (128, 64, 4, 3)
 DQ_CONFIG = (64, 64, 4, 3)
 DKDV_CONFIG = (64, 64, 4, 2)
