@@ -100,11 +100,11 @@ def test_band_kernels_equal_float64_in_the_interpreter() -> None:
 def test_window_step_with_triton_equals_math_in_the_interpreter() -> None:
     """A TTT chunk step's attention as the model calls it (``attention_in_window``, new keys written into the
     window): the triton path's out and gradients (q, the new keys and values) == explicit attention over the
-    concatenated keys; the window buffers receive the new keys either way."""
+    concatenated keys; the window buffers receive the new keys; auto does not pick the interpreter."""
     out = _run(
         """
         import torch
-        from ttt.attention import BACKEND_CALLS, attention, attention_in_window
+        from ttt.attention import BACKEND_CALLS, attention, attention_in_window, auto_backend
 
         torch.manual_seed(1)
         B, H, Hkv, D, b, w = 2, 4, 2, 80, 48, 100
@@ -112,6 +112,7 @@ def test_window_step_with_triton_equals_math_in_the_interpreter() -> None:
         k, v = (torch.randn(B, Hkv, b, D, requires_grad=True) for _ in range(2))
         kw, vw = torch.randn(B, Hkv, w - 1 + b, D), torch.randn(B, Hkv, w - 1 + b, D)
         cache_k, cache_v = kw[:, :, : w - 1].clone(), vw[:, :, : w - 1].clone()
+        assert auto_backend(q.detach(), w - 1 + b, w) != "triton"  # auto never sends CPU work to the interpreter
         o = attention_in_window(q, k, v, kw, vw, window=w, backend="triton")
         assert BACKEND_CALLS["triton"] == 1
         assert torch.equal(kw[:, :, w - 1:], k.detach()) and torch.equal(vw[:, :, w - 1:], v.detach())

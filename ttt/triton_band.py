@@ -21,7 +21,6 @@ bf16 on the GPU (``tests/test_triton_band.py``).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -45,10 +44,6 @@ DQ_CONFIG = (64, 64, 4, 3)
 DKDV_CONFIG = (64, 64, 4, 2)
 
 
-def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def split_head_dim(d: int) -> tuple[int, int] | None:
     """Head dim as (a power of two >= 16, a tail that is 0 or a power of two >= 16), or None: 80 -> (64, 16)."""
     if d < 16:
@@ -61,12 +56,11 @@ def split_head_dim(d: int) -> tuple[int, int] | None:
 
 
 def usable(q: torch.Tensor) -> bool:
-    """Triton present and the inputs are ones these kernels take: CUDA half precision (or the CPU interpreter),
-    a head dim that splits into two power-of-two parts."""
+    """Whether ``backend="auto"`` may pick these kernels for q: Triton present, CUDA half precision, a head dim that
+    splits into two power-of-two parts. (Asked for by name, they also run on CPU under ``TRITON_INTERPRET=1``, the
+    tests' float64 check; auto never sends CPU work to the interpreter.)"""
     if not TRITON_AVAILABLE or split_head_dim(q.shape[-1]) is None:
         return False
-    if interpreted():
-        return True
     return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
 
 
