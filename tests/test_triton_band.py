@@ -41,6 +41,17 @@ def _run(script: str) -> str:
     return res.stdout
 
 
+def test_triton_backend_on_cpu_says_what_it_needs() -> None:
+    """Asked for by name on CPU (no interpreter): a clear error, whether or not triton is installed."""
+    import torch
+
+    from ttt.attention import attention
+
+    q = torch.zeros(1, 2, 8, 32)
+    with pytest.raises(AssertionError, match="triton"):
+        attention(q, q, q, window=4, backend="triton")
+
+
 def test_split_head_dim_covers_the_presets_and_refuses_odd_tails() -> None:
     from ttt.triton_band import split_head_dim
 

@@ -346,3 +346,30 @@ def test_graphed_prefill_with_triton_chunks_equals_fa2_on_cuda(monkeypatch) -> N
     tol = prefill_distance(ref, m32.prefill(x))
     d = prefill_distance(got, ref)
     assert d[0] < 2 * tol[0] + 1e-3 and d[1] < 2 * tol[1] + 1e-3, (d, tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("split", [40, 64, 100, 300])
+def test_graphed_triton_prefill_in_two_calls_equals_one_call_on_cuda(monkeypatch, split: int) -> None:
+    """With the chunk step graphed over caches still filling up (our kernels), prefill(x[:, :m]) then
+    prefill(x[:, m:], state) == prefill(x): the ring loads a partial cache (m below the window, inside or at the end
+    of a chunk) as well as a full one."""
+    import copy
+
+    from ttt import attention as att
+    from ttt import inner
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name("debug", vocab_size=512, window=128, ttt_chunk=32)
+    m = TTTModel(cfg).cuda().bfloat16().eval()
+    m2 = copy.deepcopy(m)
+    x = torch.randint(0, 512, (2, 500), device="cuda")
+    monkeypatch.setattr(inner, "CHUNK_GRAPHS", True)
+    monkeypatch.setattr(att, "CHUNK_BACKEND", "triton")
+    one = m.prefill(x)
+    first = m2.prefill(x[:, :split])
+    two = m2.prefill(x[:, split:], first.state)
+    assert (two.token_nll[:, 1:] - one.token_nll[:, split + 1 :]).abs().max().item() < 2e-2
+    assert (first.token_nll - one.token_nll[:, :split]).abs().max().item() < 2e-2
+    for k in one.state.fast:
+        assert (two.state.fast[k] - one.state.fast[k]).abs().max().item() < 1e-2

@@ -21,6 +21,7 @@ bf16 on the GPU (``tests/test_triton_band.py``).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -306,6 +307,9 @@ if TRITON_AVAILABLE:
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[int, int]:
     assert TRITON_AVAILABLE, (
         "triton is not installed: it comes with CUDA builds of torch (pip install triton)"
+    )
+    assert all(t.is_cuda for t in (q, k, v)) or os.environ.get("TRITON_INTERPRET") == "1", (
+        "the triton attention backend needs CUDA tensors (on CPU only under TRITON_INTERPRET=1, for tests)"
     )
     assert q.dim() == k.dim() == v.dim() == 4, f"need (B, H, T, D) inputs, got {q.shape} {k.shape} {v.shape}"
     assert k.shape == v.shape and k.shape[0] == q.shape[0] and k.shape[-1] == q.shape[-1], (
