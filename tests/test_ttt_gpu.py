@@ -369,7 +369,9 @@ def test_graphed_triton_prefill_in_two_calls_equals_one_call_on_cuda(monkeypatch
     one = m.prefill(x)
     first = m2.prefill(x[:, :split])
     two = m2.prefill(x[:, split:], first.state)
-    assert (two.token_nll[:, 1:] - one.token_nll[:, split + 1 :]).abs().max().item() < 2e-2
-    assert (first.token_nll - one.token_nll[:, :split]).abs().max().item() < 2e-2
-    for k in one.state.fast:
-        assert (two.state.fast[k] - one.state.fast[k]).abs().max().item() < 1e-2
+    m32 = TTTModel(cfg).cuda().eval()
+    m32.load_state_dict({k: v.float() for k, v in m.state_dict().items()})
+    tol = prefill_distance(one, m32.prefill(x))  # bf16's own distance from fp32 bounds the split's
+    nll = (torch.cat((first.token_nll, two.token_nll), 1).float() - one.token_nll.float()).abs().max().item()
+    fast = max((two.state.fast[k] - one.state.fast[k]).abs().max().item() for k in one.state.fast)
+    assert nll < 2 * tol[1] + 1e-3 and fast < 2 * tol[0] + 1e-3, (nll, fast, tol)
