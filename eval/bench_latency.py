@@ -588,6 +588,62 @@ def _summary(res: dict[str, Any], preset: str) -> dict[str, Any]:
     }
 
 
+# the paper's Fig. 1 right (3b, H100, JAX; fig-extracted, ``ttt-e2e.md`` §4.3): prefill seconds per 1K tokens
+PAPER_PREFILL = {
+    "TTT-E2E (paper, 128K tokens per batch)": {
+        8192: 0.0252,
+        16384: 0.0251,
+        32768: 0.0258,
+        65536: 0.0264,
+        131072: 0.0274,
+    },
+    "FA (paper, 128K tokens per batch)": {
+        8192: 0.0137,
+        16384: 0.0169,
+        32768: 0.0239,
+        65536: 0.0388,
+        131072: 0.0734,
+    },
+}
+_LABELS = {"e2e": "TTT-E2E (ours)", "fa": "FA, cuDNN (ours)", "swa": "SWA (ours)"}
+
+
+def prefill_series(res: dict[str, Any]) -> dict[str, dict[int, float]]:
+    """Batch-1 prefill seconds per 1K tokens by system and length, as measured in ``res`` (errors left out)."""
+    out: dict[str, dict[int, float]] = {}
+    for rec in res.get("prefill_batch1", []):
+        for kind, label in _LABELS.items():
+            if "s_per_1k" in rec.get(kind, {}):
+                out.setdefault(label, {})[rec["T"]] = rec[kind]["s_per_1k"]
+    return {k: dict(sorted(v.items())) for k, v in out.items()}
+
+
+def plot_latency(res: dict[str, Any], path: Path, preset: str) -> dict[str, dict[int, float]]:
+    """Log-log plot of prefill s/1K tokens vs context (ours; the paper's curves for the 3b shape as dashed
+    references) written to ``path`` (PNG); returns the series drawn."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # pragma: no cover - matplotlib is in the eval extra
+        raise ImportError("the latency plot needs matplotlib: pip install 'ttt-rag[eval]'") from e
+    series = prefill_series(res)
+    assert series, "no prefill timings to plot"
+    drawn = {**series, **(PAPER_PREFILL if preset == "3b" else {})}
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for label, pts in drawn.items():
+        ax.plot(list(pts), list(pts.values()), "--" if "paper" in label else "-o", label=label)
+    ax.set(xscale="log", yscale="log", xlabel="context (tokens)", ylabel="prefill seconds per 1K tokens",
+           title=f"{preset} prefill, batch 1, {res.get('device', {}).get('gpu', '?')}")  # fmt: skip
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return drawn
+
+
 def merge_runs(paths: list[str]) -> dict[str, Any]:
     """Several runs of one session (same device, same code) as one record: each (length, system) prefill from the
     last file that timed it (list the run whose FA and TTT-E2E timings should pair last), memory / decode / train /
@@ -675,7 +731,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.merge:  # no GPU needed: combine result files of one session
         res = merge_runs(args.merge)
-        write_results(args.name or "latency-merged", res, args.out)
+        out = write_results(args.name or "latency-merged", res, args.out)
+        plot_latency(res, out.with_suffix(".png"), res["summary"]["preset"])
         log.info("summary %s", res["summary"])
         return res
     assert torch.cuda.is_available(), "bench_latency needs a CUDA GPU"
@@ -686,10 +743,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     name = args.name or f"latency-{args.preset}-{'smoke' if args.smoke else 'full'}"
     res: dict[str, Any] = run_metadata(vars(args), seed=0)
 
-    def save() -> None:  # after every section: a run cut short still leaves its numbers
+    def save() -> None:  # after every section: a run cut short still leaves its numbers (and its plot)
         res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
         res["summary"] = _summary(res, args.preset)
-        write_results(name, res, args.out)
+        out = write_results(name, res, args.out)
+        if prefill_series(res):
+            plot_latency(res, out.with_suffix(".png"), args.preset)
 
     args.peak_tflops = res["matmul_peak_tflops"] = matmul_peak_tflops()
     res["check"] = check_vs_fp32(args)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from eval.bench_latency import _summary, bench_memory, merge_runs
+from eval.bench_latency import PAPER_PREFILL, _summary, bench_memory, merge_runs, plot_latency, prefill_series
 from ttt import ModelConfig, TTTModel
 
 
@@ -127,3 +127,21 @@ def test_merge_runs_pairs_each_length_from_the_last_file_that_timed_it(tmp_path)
     )
     with pytest.raises(AssertionError, match="different GPUs"):
         merge_runs([a, str(other)])
+
+
+def test_latency_plot_draws_the_measured_series_and_the_papers(tmp_path) -> None:
+    """The PNG's series are the JSON's batch-1 timings per system, sorted by length (failed sections left out),
+    plus the paper's curves for the 3b shape only."""
+    res = {"device": {"gpu": "H100"}, "prefill_batch1": [
+        {"T": 131072, "e2e": {"s_per_1k": 0.03}, "fa": {"s_per_1k": 0.06}},
+        {"T": 8192, "e2e": {"s_per_1k": 0.04}, "fa": {"error": "OOM"}},
+    ]}  # fmt: skip
+    assert prefill_series(res) == {
+        "TTT-E2E (ours)": {8192: 0.04, 131072: 0.03},
+        "FA, cuDNN (ours)": {131072: 0.06},
+    }
+    drawn = plot_latency(res, tmp_path / "p.png", "3b")
+    assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG" and set(PAPER_PREFILL) <= set(drawn)
+    assert set(plot_latency(res, tmp_path / "q.png", "1b")) == set(prefill_series(res))
+    with pytest.raises(AssertionError, match="no prefill timings"):
+        plot_latency({"prefill_batch1": []}, tmp_path / "r.png", "3b")
