@@ -12,6 +12,12 @@ The graph reads its inputs from static buffers and ends by writing the new fast 
 the buffers it read them from, so consecutive chunks replay with no copies of the state in between. Callers
 copy the buffers out before the graph is replayed for another sequence (``ttt.inner._SuffixRun.release_graph``).
 
+When the step's attention runs our Triton kernels (``masked_steps``), one captured step also serves caches that are
+still filling up (the first ``window / b`` chunks of a sequence, or a state with fewer keys): the ring holds them
+right-aligned in the window and the kernels read the first valid key from a device scalar (``RingKV.key_lo``), which
+``set_positions`` updates before each replay. H100, 3b, session 7 -> 11: 8K prefill 0.0748 -> 0.0432 s per 1K tokens with the
+kernels (``eval/results/latency-3b-h100-s11.json``).
+
 The TTT blocks' caches live in a ``RingKV``: per block, buffers of ``n + M*b`` positions (n = window - 1 committed
 keys, b = chunk, M = ceil(n / b)) where a chunk step attends over the window ``[p*b, p*b + n + b)`` of phase p and
 writes its b new keys into the window's tail, so nothing is concatenated; every M steps the last n positions move

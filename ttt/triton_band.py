@@ -12,10 +12,15 @@ Semantics are those of ``ttt.attention``: queries are the last ``Tq`` of ``Tk`` 
 ``offset + i``, ``offset = Tk - Tq``); key j is visible iff ``j <= pos`` and ``pos - j < window``. Scores are
 scaled by 1/sqrt(D); the log-sum-exp is the natural log of the row's sum of exp(scaled scores), FlashAttention's
 convention, so either forward feeds these backward kernels. Every kernel also takes a key range ``[k_lo, k_hi)``
-(keys outside it are treated as invisible).
+(keys outside it are treated as invisible); forward and dQ can read the lower bound from a device scalar
+(``key_lo``), so one CUDA graph serves a cache that is still filling up.
 
-Tests run the kernels against float64 math on CPU through Triton's interpreter (``TRITON_INTERPRET=1``) and in
-bf16 on the GPU (``tests/test_triton_band.py``).
+Measured (H100, 3b shape, ``eval/results/attention-kernels-triton-s11.json``): a 128K prefix layer 27.6 ms vs Flex
+37.7; a chunk step's attention (forward + gradients of q and the new keys) 0.93 ms vs FA-2 1.65; errors against fp32
+the same as FA-2's (0.23%). The 128K prefill: 0.0331 s per 1K tokens vs 0.0418 before (``latency-3b-h100-s11.json``).
+
+Tests: against float64 math on CPU through Triton's interpreter (``TRITON_INTERPRET=1``, ``tests/test_triton_band.py``)
+and in bf16 on the GPU (``tests/test_ttt_gpu.py``).
 """
 
 from __future__ import annotations
