@@ -145,14 +145,7 @@ def fa2_supported() -> bool:
 def _fa2_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
     """PyTorch's built-in FlashAttention-2 with a sliding window (bottom-right aligned when Tq != Tk, like
     flash-attn): key j visible to query i iff 0 <= pos(i) - j <= window - 1. Autograd: FlashAttentionBackward0."""
-    tq, tk = q.shape[2], k.shape[2]
-    left = -1 if _window_covers_all(tq, tk, window) else window - 1  # type: ignore[operator]
-    # (B, H, T, D) -> the kernel's (B, T, H, D); GQA is native (Hkv divides H)
-    out = torch.ops.aten._flash_attention_forward(
-        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, tq, tk, 0.0, True, False,
-        window_size_left=left, window_size_right=0,
-    )[0]  # fmt: skip
-    return out.transpose(1, 2)  # (B, H, Tq, D)
+    return _fa2_forward_lse(q, k, v, window)[0]  # (B, H, Tq, D)
 
 
 def _fa2_forward_lse(
@@ -161,6 +154,7 @@ def _fa2_forward_lse(
     """FA-2's forward with its log-sum-exp: (out (B, H, Tq, D), lse (B, H, Tq) fp32, natural log)."""
     tq, tk = q.shape[2], k.shape[2]
     left = -1 if _window_covers_all(tq, tk, window) else window - 1  # type: ignore[operator]
+    # (B, H, T, D) -> the kernel's (B, T, H, D); GQA is native (Hkv divides H)
     out, lse = torch.ops.aten._flash_attention_forward(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, None, tq, tk, 0.0, True, False,
         window_size_left=left, window_size_right=0,
@@ -200,7 +194,7 @@ def _triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window:
 
 
 def triton_usable(q: torch.Tensor) -> bool:
-    """``ttt.triton_band`` takes q: Triton importable, CUDA half precision (or the interpreter), a split head dim."""
+    """``ttt.triton_band`` takes q: Triton importable, CUDA half precision, a split head dim (auto's test)."""
     from ttt import triton_band
 
     return triton_band.usable(q)

@@ -268,9 +268,8 @@ def masked_steps(model: TTTModel, h: torch.Tensor, backend: str) -> bool:
     from ttt import attention as att
 
     cfg = model.cfg
-    q = h.new_empty(
-        h.shape[0], cfg.n_heads, h.shape[1], cfg.head_dim
-    )  # what the TTT blocks' attention receives
+    # what the TTT blocks' attention receives: (B, H, b, D)
+    q = h.new_empty(h.shape[0], cfg.n_heads, h.shape[1], cfg.head_dim)
     assert cfg.window is not None, "chunk graphs need a windowed model"
     tk = cfg.window - 1 + h.shape[1]
     return (att.auto_backend(q, tk, cfg.window) if backend == "auto" else backend) == "triton"

@@ -95,6 +95,27 @@ if TRITON_AVAILABLE:
         return s2, s2 + it2 * BLOCK
 
     @triton.jit
+    def _query_block(H, REP, OFFSET, BLOCK_M: tl.constexpr):
+        """Where a query-block program (forward, dQ) works: (bh, batch as int64, head, kv head, its rows, their key
+        positions)."""
+        start_m, bh = tl.program_id(0), tl.program_id(1)
+        rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        h = bh % H
+        return bh, (bh // H).to(tl.int64), h, h // REP, rows, rows + OFFSET
+
+    @triton.jit
+    def _key_range(OFFSET, TQ, k_lo, k_hi, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Keys this program's block of queries reaches, [lo, hi), with its masked head [lo, s2) and unmasked
+        middle [s2, s3)."""
+        start_m = tl.program_id(0)
+        p_first = OFFSET + start_m * BLOCK_M
+        p_last = OFFSET + tl.minimum(start_m * BLOCK_M + BLOCK_M, TQ) - 1
+        lo = tl.maximum(k_lo, p_first - window + 1)
+        hi = tl.minimum(k_hi, p_last + 1)
+        s2, s3 = _segments(lo, hi, tl.maximum(lo, p_last - window + 1), tl.minimum(hi, p_first + 1), BLOCK_N)
+        return lo, hi, s2, s3
+
+    @triton.jit
     def _fwd_step(acc0, acc1, l_i, m_i, q0, q1, kb, vb, skt, svt, pos, start, k_lo, k_hi, window, qk_scale,
                   D0: tl.constexpr, D1: tl.constexpr, BLOCK_N: tl.constexpr, MASK: tl.constexpr):  # fmt: skip
         kn = start + tl.arange(0, BLOCK_N)
@@ -130,11 +151,7 @@ if TRITON_AVAILABLE:
         max(k_lo, *KLO) when KLO_PTR: a bound that lives on the device, so a CUDA graph can change it)."""
         if KLO_PTR:
             k_lo = tl.maximum(k_lo, tl.load(KLO))
-        start_m, bh = tl.program_id(0), tl.program_id(1)
-        b, h = (bh // H).to(tl.int64), bh % H
-        hk = h // REP
-        rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        pos = rows + OFFSET
+        bh, b, h, hk, rows, pos = _query_block(H, REP, OFFSET, BLOCK_M)
         c0 = tl.arange(0, D0)
         qb = Q + b * sqb + h * sqh
         kb = K + b * skb + hk * skh
@@ -149,11 +166,7 @@ if TRITON_AVAILABLE:
             q1, acc1 = q0, acc0  # unused
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        p_first = OFFSET + start_m * BLOCK_M
-        p_last = OFFSET + tl.minimum(start_m * BLOCK_M + BLOCK_M, TQ) - 1
-        lo = tl.maximum(k_lo, p_first - window + 1)
-        hi = tl.minimum(k_hi, p_last + 1)
-        s2, s3 = _segments(lo, hi, tl.maximum(lo, p_last - window + 1), tl.minimum(hi, p_first + 1), BLOCK_N)
+        lo, hi, s2, s3 = _key_range(OFFSET, TQ, k_lo, k_hi, window, BLOCK_M, BLOCK_N)
         for start in range(lo, s2, BLOCK_N):
             acc0, acc1, l_i, m_i = _fwd_step(acc0, acc1, l_i, m_i, q0, q1, kb, vb, skt, svt, pos, start, k_lo,
                                              k_hi, window, qk_scale, D0, D1, BLOCK_N, True)  # fmt: skip
@@ -207,11 +220,7 @@ if TRITON_AVAILABLE:
         contiguous; dO has its own strides sd*). Keys from max(k_lo, *KLO) when KLO_PTR."""
         if KLO_PTR:
             k_lo = tl.maximum(k_lo, tl.load(KLO))
-        start_m, bh = tl.program_id(0), tl.program_id(1)
-        b, h = (bh // H).to(tl.int64), bh % H
-        hk = h // REP
-        rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        pos = rows + OFFSET
+        bh, b, h, hk, rows, pos = _query_block(H, REP, OFFSET, BLOCK_M)
         c0 = tl.arange(0, D0)
         qb, dob = Q + b * sqb + h * sqh, DO + b * sdb + h * sdh
         kb, vb = K + b * skb + hk * skh, V + b * svb + hk * svh
@@ -227,11 +236,7 @@ if TRITON_AVAILABLE:
         lse2 = tl.load(L + bh * TQ + rows, mask=keep, other=0.0) * 1.4426950408889634
         lse2 = tl.where(lse2 == float("-inf"), 0.0, lse2)  # rows that see nothing: their p is masked anyway
         delta = tl.load(DELTA + bh * TQ + rows, mask=keep, other=0.0)
-        p_first = OFFSET + start_m * BLOCK_M
-        p_last = OFFSET + tl.minimum(start_m * BLOCK_M + BLOCK_M, TQ) - 1
-        lo = tl.maximum(k_lo, p_first - window + 1)
-        hi = tl.minimum(k_hi, p_last + 1)
-        s2, s3 = _segments(lo, hi, tl.maximum(lo, p_last - window + 1), tl.minimum(hi, p_first + 1), BLOCK_N)
+        lo, hi, s2, s3 = _key_range(OFFSET, TQ, k_lo, k_hi, window, BLOCK_M, BLOCK_N)
         for start in range(lo, s2, BLOCK_N):
             dq0, dq1 = _dq_step(dq0, dq1, q0, q1, do0, do1, lse2, delta, kb, vb, skt, svt, pos, start, k_lo, k_hi,
                                 window, qk_scale, D0, D1, BLOCK_N, True)  # fmt: skip
