@@ -12,6 +12,10 @@ over the same keys on the cuDNN and flash backends: NOT the band (early queries 
 recorded only as the fused-kernel rate to compare against. Every exact backend is checked against fp32 math
 attention on the chunk shape (outputs and gradients) in the same run.
 
+- ``second`` (``--parts second``): the chunk shape differentiated twice, as ``meta_loss`` does (forward, first
+  gradients with create_graph, then the gradients of <(dq, dk, dv), cotangents> w.r.t. q, k, v and dO): explicit
+  ``math`` attention against ``triton2`` (``ttt/triton_band2.py``), each checked against fp32 math.
+
 TFLOP/s count the band's visible (query, key) pairs: 4 * D * H * pairs forward, 2.5x that forward + backward.
 
     python -m eval.bench_attention --presets 3b 1b --out eval/results
@@ -221,6 +225,92 @@ def check_window(H: int, D: int, b: int, w: int, path: str) -> dict[str, float]:
     return dict(zip(("out", "dq", "dk", "dv"), errs, strict=True))
 
 
+def _second_order_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: int) -> torch.Tensor:
+    return att.attention(q, k, v, window=w, backend="math")
+
+
+def _second_order_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, w: int) -> torch.Tensor:
+    return att.attention(q, k, v, window=w, backend="triton2")
+
+
+SECOND_ORDER = {"math": _second_order_math, "triton2": _second_order_triton}
+
+
+def _second_inputs(g: torch.Generator, H: int, D: int, tq: int, tk: int, dt: torch.dtype) -> tuple:
+    """q, k, v, dO (requiring grad) and the cotangents of dq, dk, dv, in dtype dt."""
+    q, k, v = _random_qkv(g, H, D, tq, tk)
+    do = torch.randn(1, H, tq, D, device="cuda", generator=g, dtype=torch.bfloat16)
+    cot = tuple(torch.randn(t.shape, device="cuda", generator=g, dtype=torch.bfloat16) for t in (q, k, v))
+    return (*(t.to(dt).requires_grad_(True) for t in (q, k, v, do)), *(c.to(dt) for c in cot))
+
+
+def _second_call(fn: Callable[..., torch.Tensor], w: int, q, k, v, do, *cot) -> tuple:  # noqa: ANN001
+    o = fn(q, k, v, w)
+    first = torch.autograd.grad(o, (q, k, v), do, create_graph=True)
+    inner = sum((a.float() * c.float()).sum() for a, c in zip(first, cot, strict=True))
+    return (o, *first, *torch.autograd.grad(inner, (q, k, v, do)))
+
+
+def time_second(fn: Callable[..., torch.Tensor], H: int, D: int, tq: int, tk: int, w: int, args: Any) -> dict:
+    """Forward + first gradients (create_graph) + their gradients, inputs rotated."""
+    bufs = [_second_inputs(torch.Generator(device="cuda").manual_seed(i), H, D, tq, tk, torch.bfloat16)
+            for i in range(args.rotate)]  # fmt: skip
+    rec = summary(cuda_time(lambda i: _second_call(fn, w, *bufs[i % len(bufs)]), warmup=args.warmup,
+                            iters=args.iters))  # fmt: skip
+    rec["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    return rec
+
+
+def check_second(
+    fn: Callable[..., torch.Tensor], H: int, D: int, tq: int, tk: int, w: int
+) -> dict[str, float]:
+    """Relative errors (bf16 kernel vs fp32 math, same inputs) of out, the first and the second gradients."""
+    xs = _second_inputs(torch.Generator(device="cuda").manual_seed(7), H, D, tq, tk, torch.bfloat16)
+    fast = _second_call(fn, w, *xs)
+    ref = _second_call(_math_attention, w, *(t.detach().float().requires_grad_(t.requires_grad) for t in xs))
+    names = ("out", "dq", "dk", "dv", "q2", "k2", "v2", "do2")
+    return {n: float((a.float() - r).norm() / r.norm()) for n, a, r in zip(names, fast, ref, strict=True)}
+
+
+def bench_second(H: int, D: int, b: int, w: int, args: Any) -> dict[str, Any]:
+    """meta_loss's attention differentiated twice on the chunk shape: math vs triton2, each timed and checked."""
+    out: dict[str, Any] = {"tq": b, "tk": w - 1 + b, "window": w, "time": {}, "checks": {}}
+    for name, fn in SECOND_ORDER.items():
+        torch.cuda.reset_peak_memory_stats()
+        out["time"][name] = _safe(time_second, fn, H, D, b, w - 1 + b, w, args)
+        out["checks"][name] = _safe(check_second, fn, H, D, b, w - 1 + b, w)
+        log.info("second order %s %s %s", name, out["time"][name], out["checks"][name])
+        torch.cuda.empty_cache()
+    t = out["time"]
+    if all("median_ms" in t[n] for n in SECOND_ORDER):
+        out["math_over_triton2"] = t["math"]["median_ms"] / t["triton2"]["median_ms"]
+    if args.triton_sweep:
+        out["sweep"] = hvp_sweep(H, D, b, w, args)
+    return out
+
+
+# launch configs of the three second-order kernels tried by --triton-sweep with --parts second
+HVP_SWEEP = [(32, 64, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 4, 2)]
+
+
+def hvp_sweep(H: int, D: int, b: int, w: int, args: Any) -> dict[str, Any]:
+    """triton2 differentiated twice on the chunk shape under each config of ``HVP_SWEEP``."""
+    from ttt import triton_band2 as t2
+
+    dp = max(16, 1 << (D - 1).bit_length())
+    saved = dict(t2.HVP_CONFIGS)
+    out: dict[str, Any] = {"padded_head_dim": dp}
+    try:
+        for cfg in HVP_SWEEP:
+            t2.HVP_CONFIGS[dp] = cfg
+            out[str(cfg)] = _safe(time_second, _second_order_triton, H, D, b, w - 1 + b, w, args)
+            log.info("sweep second order %s %s", cfg, out[str(cfg)])
+    finally:
+        t2.HVP_CONFIGS.clear()
+        t2.HVP_CONFIGS.update(saved)
+    return out
+
+
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by --triton-sweep: forward on the prefix shape, dQ in the window step
 FWD_SWEEP = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)]
 DQ_SWEEP = [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4)]
@@ -275,7 +365,9 @@ def bench_preset(preset: str, args: Any) -> dict[str, Any]:
             {f"window {name}": _safe(check_window, H, D, b, w, name) for name in WINDOW_PATHS}
         )
         log.info("%s window step %s", preset, out["window_step"])
-    if args.triton_sweep:
+    if "second" in args.parts:
+        out["second_order"] = bench_second(H, D, b, w, args)
+    if args.triton_sweep and {"chunk", "prefix"} & set(args.parts):
         out["triton_sweep"] = triton_sweep(H, D, b, w, args)
     if "prefix" not in args.parts:
         return out
@@ -307,7 +399,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--rotate", type=int, default=3)
-    p.add_argument("--parts", nargs="+", default=["chunk", "prefix"], choices=["chunk", "prefix"])
+    p.add_argument("--parts", nargs="+", default=["chunk", "prefix"], choices=["chunk", "prefix", "second"])
     p.add_argument(
         "--triton-sweep", action="store_true", help="time each launch config of our Triton kernels"
     )

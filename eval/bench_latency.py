@@ -357,9 +357,19 @@ def bench_memory(models: dict[str, TTTModel], T: int) -> dict[str, Any]:
 
 
 def _train_loss(m: TTTModel, kind: str, x: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
+    """One training loss under bf16 autocast: ``e2e`` meta_loss (its TTT blocks' attention as ``META_BACKEND``
+    resolves: triton2 on the GPU), ``e2e-math`` meta_loss with explicit attention there (the previous path, timed
+    in the same run by --train-math), ``fa`` next-token CE."""
     with torch.autocast("cuda", dtype=torch.bfloat16), sdpa_context(kind == "fa"):
-        if kind == "e2e":
-            return m.meta_loss(x, checkpoint=args.checkpoint)
+        if kind in ("e2e", "e2e-math"):
+            from ttt import inner
+
+            saved = inner.META_BACKEND
+            inner.META_BACKEND = "math" if kind == "e2e-math" else saved
+            try:
+                return m.meta_loss(x, checkpoint=args.checkpoint)
+            finally:
+                inner.META_BACKEND = saved
         logits = m(x[:, :-1])
         return F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
 
@@ -400,8 +410,14 @@ def _train_record(
         _train_loss(m, kind, tok[i % 2], args).backward()
         m.zero_grad(set_to_none=True)
 
+    from ttt.attention import BACKEND_CALLS
+
     n_tokens = tok[0].shape[0] * (tok[0].shape[1] - 1)  # B * T inputs per step
+    BACKEND_CALLS.clear()
+    step(0)  # warm-up, and which attention kernels one step runs
+    backends = dict(BACKEND_CALLS)
     rec = summary(cuda_time(step, warmup=1, iters=max(2, args.iters // 3)))
+    rec["backends"] = backends
     rec["s_per_1k"] = rec["median_ms"] / n_tokens
     if args.train_graph:
         try:
@@ -415,9 +431,9 @@ def _train_record(
 def bench_train(preset: str, T: int, B: int, args: argparse.Namespace) -> dict[str, Any]:
     """Seconds per 1K tokens of one training step (forward + backward): meta_loss vs FA next-token CE."""
     out: dict[str, Any] = {"T": T, "B": B}
-    for kind in ("e2e", "fa"):
+    for kind in ("e2e", "fa") + (("e2e-math",) if getattr(args, "train_math", False) else ()):
         try:
-            model = build(preset, kind, args.vocab).float().train()
+            model = build(preset, kind.split("-")[0], args.vocab).float().train()
             tok = [torch.randint(0, args.vocab, (B, T + 1), device="cuda") for _ in range(2)]
             out[kind] = _train_record(model, kind, tok, args)
             out[kind]["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -430,6 +446,8 @@ def bench_train(preset: str, T: int, B: int, args: argparse.Namespace) -> dict[s
         out["e2e_over_fa"] = out["e2e"]["s_per_1k"] / out["fa"]["s_per_1k"]
     if all("s_per_1k" in out.get(k, {}).get("graph", {}) for k in ("e2e", "fa")):
         out["e2e_over_fa_graphed"] = out["e2e"]["graph"]["s_per_1k"] / out["fa"]["graph"]["s_per_1k"]
+    if all("s_per_1k" in out.get(k, {}) for k in ("e2e", "e2e-math")):
+        out["math_over_e2e"] = out["e2e-math"]["s_per_1k"] / out["e2e"]["s_per_1k"]
     return out
 
 
@@ -714,6 +732,9 @@ def _parser() -> argparse.ArgumentParser:
         "--train-preset", default=None, help="preset of the training comparison (default --preset)"
     )
     p.add_argument("--train-batch", type=int, default=1)
+    p.add_argument(
+        "--train-math", action="store_true", help="also time meta_loss with explicit attention (e2e-math)"
+    )
     p.add_argument(
         "--checkpoint", action="store_true", help="meta_loss with per-chunk activation checkpointing"
     )

@@ -30,11 +30,17 @@ def _interpreter_ok() -> str | None:
     return None
 
 
-def _run(script: str) -> str:
-    reason = _interpreter_ok()
+def _run(script: str, interpret: bool = True) -> str:
+    """Run script in a fresh interpreter (under Triton's CPU interpreter unless ``interpret=False``)."""
+    reason = _interpreter_ok() if interpret else None
+    if importlib.util.find_spec("triton") is None:
+        reason = "triton is not installed (it comes with CUDA builds of torch)"
     if reason:
         pytest.skip(reason)
-    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("TRITON_INTERPRET", None)
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
     res = subprocess.run([sys.executable, "-c", textwrap.dedent(script)], env=env, capture_output=True, text=True,
                          timeout=600)  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
@@ -137,3 +143,139 @@ def test_window_step_with_triton_equals_math_in_the_interpreter() -> None:
         """
     )
     assert float(out.split()[-1]) < 1e-5, out
+
+
+def test_second_order_kernels_equal_float64_in_the_interpreter() -> None:
+    """``backend="triton2"`` (``ttt/triton_band2.py``): out, the first gradients taken with create_graph, and the
+    gradients of <(dq, dk, dv), random cotangents> with respect to q, k, v and the output cotangent (the
+    Hessian-vector products meta_loss takes) == float64 autograd of explicit attention. Chunk shapes, a square
+    causal one, GQA, head dims that need padding (80, 48), a window wider than every distance."""
+    out = _run(
+        """
+        import torch
+        from ttt.attention import attention
+
+        torch.manual_seed(0)
+        worst = 0.0
+        for B, H, Hkv, tq, tk, D, w in [(1, 2, 2, 40, 100, 80, 30), (2, 4, 2, 64, 64, 32, 17),
+                                        (1, 2, 1, 70, 200, 48, 64), (1, 1, 1, 130, 130, 64, None),
+                                        (1, 2, 2, 33, 150, 80, 200)]:
+            q = torch.randn(B, tq, H, D).transpose(1, 2)  # strided, as the model's projections give it
+            k, v = torch.randn(B, Hkv, tk, D), torch.randn(B, Hkv, tk, D)
+            go = torch.randn(B, H, tq, D)
+            cot = (torch.randn(B, H, tq, D), torch.randn(B, Hkv, tk, D), torch.randn(B, Hkv, tk, D))
+            res = []
+            for be, dt in (("triton2", torch.float32), ("math", torch.float64)):
+                qq, kk, vv = (t.detach().to(dt).requires_grad_(True) for t in (q, k, v))
+                g = go.to(dt).requires_grad_(True)
+                o = attention(qq, kk, vv, window=w, backend=be)
+                first = torch.autograd.grad(o, (qq, kk, vv), g, create_graph=True)
+                inner = sum((a * c.to(dt)).sum() for a, c in zip(first, cot))
+                res.append((o, *first, *torch.autograd.grad(inner, (qq, kk, vv, g))))
+            for a, b in zip(*res):
+                worst = max(worst, (a.double() - b).abs().max().item() / b.abs().max().item())
+        print("worst", worst)
+        """
+    )
+    assert float(out.split()[-1]) < 1e-5, out
+
+
+def test_meta_loss_gradients_with_triton2_equal_math_in_the_interpreter() -> None:
+    """meta_loss's parameter gradients with the TTT blocks' attention on ``triton2`` == on ``math`` (fp32). Two
+    TTT blocks, so the inner gradient of the first one's MLP runs through the second one's attention and the outer
+    gradient through that attention's backward (with one TTT block no second derivative of attention arises);
+    GQA and not; 97 tokens over a 64-token window (the cache is cut)."""
+    out = _run(
+        """
+        import torch
+        from ttt import inner
+        from ttt.config import ModelConfig
+        from ttt.model import TTTModel
+
+        torch.manual_seed(0)
+        worst = 0.0
+        for kvh in (None, 2):
+            m = TTTModel(ModelConfig.from_name("debug", n_kv_heads=kvh, n_ttt_layers=2))
+            tok = torch.randint(0, m.cfg.vocab_size, (2, 97))
+            got = {}
+            for be in ("math", "triton2"):
+                inner.META_BACKEND = be
+                m.zero_grad()
+                loss = m.meta_loss(tok)
+                loss.backward()
+                got[be] = [loss.detach()] + [p.grad.clone() for p in m.parameters()]
+            for a, b in zip(got["triton2"], got["math"]):
+                worst = max(worst, (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12))
+        print("worst", worst)
+        """
+    )
+    assert float(out.split()[-1]) < 1e-4, out
+
+
+def test_meta_loss_keeps_explicit_attention_on_cpu() -> None:
+    """On CPU (and in fp32 without autocast) meta_loss's TTT blocks run explicit attention; triton2 by name on CPU
+    says what it needs."""
+    import torch
+
+    from ttt import inner
+    from ttt.attention import attention
+
+    h = torch.zeros(1, 4, 8)
+    assert inner.meta_backend(h) == "math"
+    q = torch.zeros(1, 2, 8, 32)
+    with pytest.raises(AssertionError, match="triton"):
+        attention(q, q, q, window=4, backend="triton2")
+
+
+def test_kernels_compile_for_the_h100_and_spill_little() -> None:
+    """Every kernel, first and second order, at the configs the code launches, compiles ahead of time for sm_90
+    (Triton's own ptxas, no GPU needed), and its per-thread stack (register spills) stays small: a config that
+    spills kilobytes (the second-order kernels at (64, 64, 4 warps) spill 1.8-2.2 KB at head dim 128) fails."""
+    out = _run(
+        """
+        import os, re, subprocess, tempfile
+        import triton
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+        from ttt import triton_band as tb, triton_band2 as t2
+
+        tool = os.path.join(os.path.dirname(triton.__file__), "backends/nvidia/bin/cuobjdump")
+
+        def stack(fn, ptrs, consts, warps, stages):
+            sig = {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n.endswith("scale") else "i32")
+                   for n in fn.arg_names}
+            idx = {(fn.arg_names.index(n),): v for n, v in consts.items()}
+            k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=idx), target=GPUTarget("cuda", 90, 32),
+                               options={"num_warps": warps, "num_stages": stages})
+            with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+                f.write(k.asm["cubin"])
+                f.flush()
+                usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True)
+            return int(re.search(r"STACK:(\\d+)", usage.stdout).group(1))
+
+        bf, f32 = "*bf16", "*fp32"
+        worst = 0
+        for d0, d1 in ((64, 16), (64, 0)):
+            split = dict(D0=d0, D1=d1)
+            m, n, w, s = tb.FWD_CONFIG
+            worst = max(worst, stack(tb._band_fwd, {**dict.fromkeys("Q K V OUT".split(), bf), "L": f32, "KLO": "*i32"},
+                                     dict(KLO_PTR=True, **split, BLOCK_M=m, BLOCK_N=n), w, s))
+            m, n, w, s = tb.DQ_CONFIG
+            worst = max(worst, stack(tb._band_dq, {**dict.fromkeys("Q K V DO".split(), bf), "L": f32, "DELTA": f32,
+                                                   "DQ": f32, "KLO": "*i32"},
+                                     dict(KLO_PTR=True, **split, BLOCK_M=m, BLOCK_N=n), w, s))
+            m, n, w, s = tb.DKDV_CONFIG
+            worst = max(worst, stack(tb._band_dkdv, {**dict.fromkeys("Q K V DO".split(), bf),
+                                                     **dict.fromkeys("L DELTA DK DV".split(), f32)},
+                                     dict(**split, BLOCK_M=m, BLOCK_N=n), w, s))
+        ptrs = {**dict.fromkeys("Q K V DO GQ GK GV".split(), bf),
+                **dict.fromkeys("L DELTA C E PGV QB DOB KB VB".split(), f32)}
+        for d in (64, 128):
+            m, n, w, s = t2.hvp_config(d)
+            for fn in (t2._rows, t2._hvp_q, t2._hvp_kv):
+                worst = max(worst, stack(fn, ptrs, dict(D=d, BLOCK_M=m, BLOCK_N=n), w, s))
+        print("stack", worst)
+        """,
+        interpret=False,
+    )
+    assert int(out.split()[-1]) <= 256, out

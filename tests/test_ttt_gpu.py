@@ -375,3 +375,66 @@ def test_graphed_triton_prefill_in_two_calls_equals_one_call_on_cuda(monkeypatch
     nll = (torch.cat((first.token_nll, two.token_nll), 1).float() - one.token_nll.float()).abs().max().item()
     fast = max((two.state.fast[k] - one.state.fast[k]).abs().max().item() for k in one.state.fast)
     assert nll < 2 * tol[1] + 1e-3 and fast < 2 * tol[0] + 1e-3, (nll, fast, tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("hkv", "dh"), [(4, 80), (2, 64)])
+@pytest.mark.parametrize(("tq", "tk", "window"), [(128, 128 + 511, 512), (1024, 1024, None), (300, 900, 512)])
+def test_triton2_second_order_equals_float64_on_cuda(hkv: int, dh: int, tq: int, tk: int, window) -> None:
+    """``backend="triton2"`` compiled (bf16): out, first gradients (create_graph) and the gradients of
+    <(dq, dk, dv), cotangents> w.r.t. q, k, v and the output cotangent == float64 autograd of explicit attention."""
+    from ttt.attention import BACKEND_CALLS, attention
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, tq, dh, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, hkv, tk, dh, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    go = torch.randn(2, 4, tq, dh, device="cuda", dtype=torch.bfloat16)
+    cot = [torch.randn_like(t) for t in (q, k, v)]
+    res = []
+    BACKEND_CALLS.clear()
+    for be, dt in (("triton2", torch.bfloat16), ("math", torch.float64)):
+        qq, kk, vv, g = (t.to(dt).requires_grad_(True) for t in (q, k, v, go))
+        o = attention(qq, kk, vv, window=window, backend=be)
+        first = torch.autograd.grad(o, (qq, kk, vv), g, create_graph=True)
+        inner = sum((a.double() * c.double()).sum() for a, c in zip(first, cot, strict=True))
+        res.append((o, *first, *torch.autograd.grad(inner, (qq, kk, vv, g))))
+    assert BACKEND_CALLS["triton2"] == 1
+    for i, (a, b) in enumerate(zip(*res, strict=True)):
+        err = ((a.double() - b).norm() / b.norm()).item()
+        assert err < 2e-2, (i, err)
+
+
+@pytest.mark.gpu
+def test_meta_loss_with_triton2_equals_math_on_cuda() -> None:
+    """meta_loss under bf16 autocast: auto picks triton2 for the TTT blocks; the loss and parameter gradients
+    equal those with explicit attention (two TTT blocks, so second derivatives of attention are in play)."""
+    from ttt import inner
+    from ttt.attention import BACKEND_CALLS
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name(
+        "debug", vocab_size=512, window=64, ttt_chunk=16, n_ttt_layers=2, n_kv_heads=2
+    )
+    m = TTTModel(cfg).cuda().train()
+    x = torch.randint(0, 512, (2, 161), device="cuda")
+    got = {}
+    saved = inner.META_BACKEND
+    try:
+        for be in ("auto", "math"):
+            inner.META_BACKEND = be
+            BACKEND_CALLS.clear()
+            m.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = m.meta_loss(x)
+            loss.backward()
+            got[be] = (
+                float(loss),
+                {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None},
+            )
+            if be == "auto":
+                assert BACKEND_CALLS["triton2"] > 0 and BACKEND_CALLS["math"] == 0, BACKEND_CALLS
+    finally:
+        inner.META_BACKEND = saved
+    assert abs(got["auto"][0] - got["math"][0]) <= 1e-2 * abs(got["math"][0])
+    for n, g in got["math"][1].items():
+        assert (got["auto"][1][n] - g).norm() <= 3e-2 * g.norm() + 1e-6, n

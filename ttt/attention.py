@@ -22,6 +22,9 @@ Backends:
 - ``"triton"``: our Triton band kernels (``ttt/triton_band.py``): exact head dims (80 = 64 + 16, no padding), a
   backward that returns dK/dV only where asked. First-order; CUDA fp16/bf16 (or Triton's CPU interpreter). In a
   TTT chunk step (``attention_in_window``) its backward skips the committed keys' dK/dV, which FA-2 computes.
+- ``"triton2"``: the same forward and backward, whose backward is differentiable once more by three more fused
+  kernels (``ttt/triton_band2.py``): what ``meta_loss`` runs on CUDA instead of ``"math"``. Head dims padded to a
+  power of two; under CUDA autocast, fp32 inputs run in the autocast dtype.
 - ``"auto"``: flash when usable; sdpa (fused causal kernels) when the window covers every key; otherwise
   ``LONG_BACKEND`` / ``CHUNK_BACKEND`` (triton by default, measured fastest; then fa2, flex) by input length, see
   ``auto_backend``.
@@ -47,7 +50,7 @@ except Exception:  # pragma: no cover - flash-attn absent on CPU machines
     _flash_attn_func = None
     FLASH_ATTN_AVAILABLE = False
 
-BACKENDS = ("auto", "math", "sdpa", "flash", "fa2", "flex", "band", "triton")
+BACKENDS = ("auto", "math", "sdpa", "flash", "fa2", "flex", "band", "triton", "triton2")
 # calls per resolved backend since the last reset (benchmarks report which kernels actually ran)
 BACKEND_CALLS: Counter[str] = Counter()
 # sdpa with a band mask runs query blocks of this size, so the boolean mask stays (block, block + window)
@@ -440,6 +443,10 @@ def attention(
         return _band_attention(q, k.to(q.dtype), v.to(q.dtype), window)
     if backend == "triton":
         return _triton_attention(q, k.to(q.dtype), v.to(q.dtype), window)
+    if backend == "triton2":
+        from ttt import triton_band2
+
+        return triton_band2.attention2(q, k, v, window)
     raise ValueError(f"unknown attention backend {backend!r}; choose from {BACKENDS}")
 
 

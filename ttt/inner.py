@@ -400,6 +400,22 @@ class _SuffixRun:
 
 
 # ---- meta_loss (training) ---------------------------------------------------------------------------
+# attention of the TTT blocks inside meta_loss, which differentiates it twice: "auto" = "triton2" (fused, its
+# backward differentiable again, ``ttt/triton_band2.py``) on CUDA in half precision or under autocast, else "math"
+# (explicit, any order; the CPU path and its float64 tests)
+META_BACKEND = "auto"
+
+
+def meta_backend(h: torch.Tensor) -> str:
+    """The attention backend ``meta_loss`` runs for suffix input h (``META_BACKEND`` resolved)."""
+    if META_BACKEND != "auto":
+        return META_BACKEND
+    from ttt import triton_band2
+
+    half = h.dtype in (torch.float16, torch.bfloat16) or (h.is_cuda and torch.is_autocast_enabled("cuda"))
+    return "triton2" if half and triton_band2.usable(h) else "math"
+
+
 def meta_loss(
     model: TTTModel, tokens: torch.Tensor, *, checkpoint: bool = False, ilr_scale: float = 1.0
 ) -> torch.Tensor:
@@ -439,9 +455,10 @@ def _meta_loss(model: TTTModel, tokens: torch.Tensor, checkpoint: bool, ilr_scal
     kv: list[KV] = [(h.new_zeros(B, cfg.n_kv_heads, 0, cfg.head_dim),) * 2 for _ in range(cfg.n_ttt_layers)]
     losses = []
     starts = list(range(0, T, cfg.ttt_chunk))
+    backend = meta_backend(h)
     for s in starts:
         args = (model, fast, kv, h[:, s : s + cfg.ttt_chunk], targets[:, s : s + cfg.ttt_chunk])
-        kw = dict(lr=cfg.ttt_lr * ilr_scale, update=s != starts[-1], create_graph=True, backend="math")
+        kw = dict(lr=cfg.ttt_lr * ilr_scale, update=s != starts[-1], create_graph=True, backend=backend)
         out = (
             _checkpoint(suffix_chunk_step, *args, use_reentrant=False, context_fn=_unfused_twice, **kw)
             if checkpoint
