@@ -419,6 +419,8 @@ def _train_record(
     rec = summary(cuda_time(step, warmup=1, iters=max(2, args.iters // 3)))
     rec["backends"] = backends
     rec["s_per_1k"] = rec["median_ms"] / n_tokens
+    if getattr(args, "profile_train", False):
+        rec["profile"] = _safe_call(profile_train_step, m, kind, tok[0], args)
     if args.train_graph:
         try:
             rec["graph"] = _train_graph_record(m, kind, tok[0].clone(), n_tokens, args)
@@ -517,6 +519,39 @@ def profile_summary(events: list[tuple[str, float, int]], wall_ms: float, top: i
     }
 
 
+def _device_rows(prof: Any) -> list[tuple[str, float, int]]:
+    """Device-side events only: an ATen op row also carries its kernels' time, which would count twice."""
+    return [
+        (e.key, e.self_device_time_total / 1e3, int(e.count))  # us -> ms
+        for e in prof.key_averages()
+        if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0
+    ]
+
+
+def _safe_call(fn: Any, *a: Any) -> dict[str, Any]:
+    """fn(*a), or {"error": ...} when it raises: an optional measurement never takes the run down."""
+    try:
+        return fn(*a)
+    except Exception as e:  # noqa: BLE001
+        return {"error": error_text(e)}
+
+
+def profile_train_step(m: TTTModel, kind: str, x: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
+    """torch.profiler over one warm eager training step (forward + backward): where the device time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        _train_loss(m, kind, x, args).backward()
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    m.zero_grad(set_to_none=True)
+    out = profile_summary(_device_rows(prof), wall_ms)
+    out["note"] = "wall includes profiler overhead"
+    return out
+
+
 def profile_prefill(model: TTTModel, T: int, args: argparse.Namespace) -> dict[str, Any]:
     """torch.profiler over one warm TTT-E2E prefill of T tokens (batch 1): where the device time goes."""
     from torch.profiler import ProfilerActivity, profile
@@ -531,12 +566,7 @@ def profile_prefill(model: TTTModel, T: int, args: argparse.Namespace) -> dict[s
             e2e_prefill(model, x, args.backend, seg)
             torch.cuda.synchronize()
             wall_ms = (time.perf_counter() - t0) * 1e3
-    rows = [  # device-side events only: an ATen op row also carries its kernels' time, which would count twice
-        (e.key, e.self_device_time_total / 1e3, int(e.count))  # us -> ms
-        for e in prof.key_averages()
-        if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0
-    ]
-    out = profile_summary(rows, wall_ms)
+    out = profile_summary(_device_rows(prof), wall_ms)
     out.update({"T": T, "chunks": T // model.cfg.ttt_chunk, "note": "wall includes profiler overhead"})
     return out
 
@@ -732,6 +762,9 @@ def _parser() -> argparse.ArgumentParser:
         "--train-preset", default=None, help="preset of the training comparison (default --preset)"
     )
     p.add_argument("--train-batch", type=int, default=1)
+    p.add_argument(
+        "--profile-train", action="store_true", help="profile one eager step of each training system"
+    )
     p.add_argument(
         "--train-math", action="store_true", help="also time meta_loss with explicit attention (e2e-math)"
     )
