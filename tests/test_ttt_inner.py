@@ -286,3 +286,29 @@ def test_compiled_head_nll_equals_eager_head() -> None:
     w = torch.rand(2, 16, dtype=torch.float64)  # a weighted loss: each position's gradient counts
     g, g_ref = (torch.autograd.grad((n * w).sum(), x)[0] for n in (nll, ref))
     torch.testing.assert_close(g, g_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_meta_loss_prefix_runs_compiled_and_gives_the_eager_gradients(monkeypatch) -> None:
+    """meta_loss runs its prefix blocks with the compiled (first-order) elementwise kernels and only the suffix,
+    whose inner gradients are differentiated again, eagerly: loss and every parameter gradient equal those of an
+    all-eager run. Compiled on CPU here by letting ``fused_enabled`` accept CPU tensors (CUDA uses the same
+    functions); a compiled suffix would fail, as compiled kernels have no double backward."""
+    from ttt import model as tm
+    from ttt.model import unfused
+
+    monkeypatch.setattr(tm, "_COMPILED", {})
+    monkeypatch.setattr(tm, "fused_enabled", lambda x: x.dtype != torch.float64 and not tm._FUSED_OFF.get())
+    torch.manual_seed(0)
+    m = TTTModel(ModelConfig.from_name("debug", n_ttt_layers=2))
+    x = torch.randint(0, m.cfg.vocab_size, (2, 50))
+    params = list(m.parameters())
+    with unfused():
+        want = m.meta_loss(x)
+        g_want = torch.autograd.grad(want, params)
+    assert not tm._COMPILED
+    got = m.meta_loss(x)
+    g_got = torch.autograd.grad(got, params)
+    assert {"rms_norm", "rope"} <= set(tm._COMPILED), tm._COMPILED.keys()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    for (n, _), a, b in zip(m.named_parameters(), g_got, g_want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=n)

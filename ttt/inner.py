@@ -428,9 +428,8 @@ def meta_loss(
     ``ilr_scale`` multiplies ttt_lr (the official inner-lr warm-up ramps it 0.1 -> 1).
     """
     check_tokens(tokens, model.cfg, min_len=2)
-    # the inner steps need autograd even when the caller evaluates under no_grad; eager elementwise ops,
-    # since compiled kernels have no double backward
-    with torch.enable_grad(), unfused():
+    # the inner steps need autograd even when the caller evaluates under no_grad
+    with torch.enable_grad():
         return _meta_loss(model, tokens, checkpoint, ilr_scale)
 
 
@@ -443,7 +442,20 @@ def _meta_loss(model: TTTModel, tokens: torch.Tensor, checkpoint: bool, ilr_scal
     cfg = model.cfg
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     B, T = inputs.shape
-    h, _ = model.run_blocks(model.embed(inputs), range(cfg.n_prefix_layers), None, "auto")  # prefix, once
+    # the prefix, once. Its compiled elementwise kernels (CUDA) are first order, and first order is all the prefix
+    # needs: the inner gradients (to the fast weights) never reach back into it, so only the outer backward runs
+    # through it. The suffix runs eager (``unfused``): compiled kernels have no double backward.
+    h, _ = model.run_blocks(model.embed(inputs), range(cfg.n_prefix_layers), None, "auto")
+    with unfused():
+        return _meta_suffix(model, h, targets, checkpoint, ilr_scale)
+
+
+def _meta_suffix(
+    model: TTTModel, h: torch.Tensor, targets: torch.Tensor, checkpoint: bool, ilr_scale: float
+) -> torch.Tensor:
+    """meta_loss over the suffix blocks, from the prefix output h (B, T, d)."""
+    cfg = model.cfg
+    B, T = targets.shape
     if cfg.n_ttt_layers == 0:
         b = cfg.ttt_chunk
         per_chunk = [
