@@ -228,7 +228,7 @@ def test_meta_loss_keeps_explicit_attention_on_cpu() -> None:
 
 
 def test_kernels_compile_for_the_h100_and_spill_little() -> None:
-    """Every kernel, first and second order, at the configs the code launches, compiles ahead of time for sm_90
+    """Every kernel (band attention first and second order, norm + RoPE), at the configs the code launches, compiles ahead of time for sm_90
     (Triton's own ptxas, no GPU needed), and its per-thread stack (register spills) stays small: a config that
     spills kilobytes (the second-order kernels at (64, 64, 4 warps) spill 1.8-2.2 KB at head dim 128) fails."""
     out = _run(
@@ -274,8 +274,54 @@ def test_kernels_compile_for_the_h100_and_spill_little() -> None:
             m, n, w, s = t2.hvp_config(d)
             for fn in (t2._rows, t2._hvp_q, t2._hvp_kv):
                 worst = max(worst, stack(fn, ptrs, dict(D=d, BLOCK_M=m, BLOCK_N=n), w, s))
+        from ttt import triton_norm_rope as nr
+
+        for inter in (True, False):
+            worst = max(worst, stack(nr._norm_rope, {**dict.fromkeys("X OUT NORMED".split(), bf),
+                                                     **dict.fromkeys("W COS SIN".split(), f32), "eps": "fp32"},
+                                     dict(D=80, BLOCK_D=128, BLOCK_R=nr.BLOCK_ROWS, NORM=True, INTERLEAVED=inter,
+                                          WRITE_NORMED=True), 4, 3))
         print("stack", worst)
         """,
         interpret=False,
     )
     assert int(out.split()[-1]) <= 256, out
+
+
+def test_norm_rope_kernel_equals_float64_and_prefill_is_unchanged_in_the_interpreter() -> None:
+    """``ttt/triton_norm_rope.py``: RMSNorm + RoPE in one kernel == float64 ``_rope(_rms_norm(x))`` (interleaved
+    pairs and halves, with and without the norm, head dims 80/64/48/16, strided input whose strides the output
+    keeps), and a streamed prefill with the prefix's norm + RoPE fused gives the NLL and caches of the usual path."""
+    out = _run(
+        """
+        import torch
+        from ttt import ModelConfig, TTTModel, model as tm
+        from ttt.triton_norm_rope import norm_rope
+
+        torch.manual_seed(0)
+        worst = 0.0
+        for B, H, T, D, inter, norm in [(2, 3, 37, 80, True, True), (1, 4, 50, 64, False, True),
+                                        (1, 2, 33, 16, True, False), (2, 2, 20, 48, False, False)]:
+            x = torch.randn(B, T, H, D).transpose(1, 2)  # (B, H, T, D) view of a (B, T, H, D) projection
+            w = torch.rand(D) + 0.5
+            cos, sin = tm.rope_table(5, T, D, 10000.0, x.device, torch.float32)
+            got, normed = norm_rope(x, w if norm else None, 1e-6, cos, sin, inter, want_normed=True)
+            assert got.stride() == x.stride()
+            nd = tm._rms_norm(x.double(), w.double(), 1e-6) if norm else x.double()
+            ref = tm._rope(nd, *tm.rope_table(5, T, D, 10000.0, x.device, torch.float64), inter)
+            worst = max(worst, (got.double() - ref).abs().max().item(), (normed.double() - nd).abs().max().item())
+        for inter, qk in ((True, True), (False, False)):
+            m = TTTModel(ModelConfig.from_name("debug", n_ttt_layers=2, rope_interleaved=inter, qk_norm=qk))
+            tok = torch.randint(0, m.cfg.vocab_size, (2, 150))
+            res = []
+            for flag in (False, True):
+                tm.FUSED_NORM_ROPE = flag
+                with torch.no_grad():
+                    a = m.prefill(tok[:, :70])
+                    b = m.prefill(tok[:, 70:], a.state)
+                res.append([a.token_nll, b.token_nll, *(t for kv in b.state.kv for t in kv)])
+            worst = max(worst, max((x - y).abs().max().item() for x, y in zip(*res)))
+        print("worst", worst)
+        """
+    )
+    assert float(out.split()[-1]) < 1e-5, out

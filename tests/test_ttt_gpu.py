@@ -438,3 +438,43 @@ def test_meta_loss_with_triton2_equals_math_on_cuda() -> None:
     assert abs(got["auto"][0] - got["math"][0]) <= 1e-2 * abs(got["math"][0])
     for n, g in got["math"][1].items():
         assert (got["auto"][1][n] - g).norm() <= 3e-2 * g.norm() + 1e-6, n
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_norm_rope_kernel_equals_compiled_ops_on_cuda(interleaved: bool) -> None:
+    """The prefix's fused q/k norm + RoPE kernel (bf16) == the compiled RMSNorm then RoPE it replaces, on a
+    3b-shaped projection (head dim 80, a (B, T, H, D) buffer viewed as (B, H, T, D)), to bf16 rounding."""
+    from ttt import model as tm
+    from ttt.triton_norm_rope import norm_rope
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 4096, 32, 80, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    w = (torch.rand(80, device="cuda") + 0.5).to(torch.bfloat16)
+    cos, sin = tm.rope_table(8191, 4096, 80, 500000.0, x.device, torch.float32)
+    with torch.no_grad():
+        got, normed = norm_rope(x, w, 1e-6, cos, sin, interleaved, want_normed=True)
+        ref_n = tm._fused("rms_norm", tm._rms_norm, x)(x, w, 1e-6)
+        ref = tm.rope_rotate(ref_n, cos, sin, interleaved)
+    assert got.stride() == x.stride()
+    for a, b in ((got, ref), (normed, ref_n)):
+        assert (a.float() - b.float()).abs().max() <= 1e-2 * b.float().abs().max()
+
+
+@pytest.mark.gpu
+def test_prefill_with_fused_norm_rope_equals_the_compiled_path_on_cuda(monkeypatch) -> None:
+    """A bf16 prefill in two calls with the prefix's norm + RoPE fused (default on CUDA) == with it off."""
+    from ttt import model as tm
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_name("debug", vocab_size=512, window=64, ttt_chunk=16, n_ttt_layers=2)
+    m = TTTModel(cfg).cuda().to(torch.bfloat16)
+    tok = torch.randint(0, 512, (2, 300), device="cuda")
+    res = []
+    for flag in (False, None):
+        monkeypatch.setattr(tm, "FUSED_NORM_ROPE", flag)
+        with torch.no_grad():
+            a = m.prefill(tok[:, :170])
+            b = m.prefill(tok[:, 170:], a.state)
+        res.append(torch.cat((a.token_nll, b.token_nll), 1).float())
+    assert (res[0] - res[1]).abs().max() <= 2e-2 * res[0].abs().max()

@@ -130,11 +130,33 @@ def apply_rope(x: torch.Tensor, start: int, theta: float, interleaved: bool) -> 
     ``interleaved`` pairs (x0, x1), (x2, x3), ... (official code); otherwise the first and second halves
     (Hugging Face Llama's ``rotate_half``). Both equal absolute RoPE up to a fixed permutation of D.
     """
-    T, D = x.shape[-2], x.shape[-1]
-    inv = theta ** (-torch.arange(0, D, 2, device=x.device, dtype=torch.float64) / D)
-    pos = torch.arange(start, start + T, device=x.device, dtype=torch.float64)
-    ang = (pos[:, None] * inv[None, :]).to(torch.promote_types(x.dtype, torch.float32))  # (T, D/2)
-    return rope_rotate(x, ang.cos(), ang.sin(), interleaved)
+    cos, sin = rope_table(start, x.shape[-2], x.shape[-1], theta, x.device, x.dtype)
+    return rope_rotate(x, cos, sin, interleaved)
+
+
+def rope_table(
+    start: int, T: int, D: int, theta: float, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) (T, D/2) for positions start..start+T-1: angles from float64, then fp32 (fp64 for fp64 x)."""
+    inv = theta ** (-torch.arange(0, D, 2, device=device, dtype=torch.float64) / D)
+    pos = torch.arange(start, start + T, device=device, dtype=torch.float64)
+    ang = (pos[:, None] * inv[None, :]).to(torch.promote_types(dtype, torch.float32))  # (T, D/2)
+    return ang.cos(), ang.sin()
+
+
+# q/k norm + RoPE as one Triton kernel (``ttt/triton_norm_rope.py``) in attention calls that need no gradient (the
+# prefix pass): None = on CUDA when Triton is present; True also on CPU under Triton's interpreter (tests)
+FUSED_NORM_ROPE: bool | None = None
+
+
+def _norm_rope_fused(x: torch.Tensor) -> bool:
+    from ttt import triton_norm_rope
+
+    if FUSED_NORM_ROPE is False or x.dtype == torch.float64 or _FUSED_OFF.get():
+        return False
+    if FUSED_NORM_ROPE is None:
+        return triton_norm_rope.usable(x)
+    return triton_norm_rope.TRITON_AVAILABLE and not (torch.is_grad_enabled() and x.requires_grad)
 
 
 def _norm(cfg: ModelConfig, dim: int, enabled: bool) -> nn.Module:
@@ -181,9 +203,13 @@ class Attention(nn.Module):
         call's pre-RoPE (k, v))."""
         cfg = self.cfg
         B, T, _ = x.shape
-        q = self.q_norm(self.wq(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2))  # (B, H, T, D)
-        k = self.k_norm(self.wk(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2))  # (B, Hkv, T, D)
+        q = self.wq(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = self.wk(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
         v = self.wv(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        if not isinstance(cache, CacheWindow) and _norm_rope_fused(q) and _norm_rope_fused(k):
+            o, k = self._attend_fused(q, k, v, cache, backend)
+            return self.wo(o.transpose(1, 2).reshape(B, T, -1)), (k, v)
+        q, k = self.q_norm(q), self.k_norm(k)
         if isinstance(cache, CacheWindow):  # cached keys rotated once, when written: only the new ones here
             q = rope_rotate(q, cache.cos, cache.sin, cfg.rope_interleaved)
             k_rot = rope_rotate(k, cache.cos, cache.sin, cfg.rope_interleaved)
@@ -193,6 +219,35 @@ class Attention(nn.Module):
         else:
             o = self._attend_cached(q, k, v, cache, backend)  # (B, H, T, D)
         return self.wo(o.transpose(1, 2).reshape(B, T, -1)), (k, v)
+
+    def _attend_fused(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KV | None, backend: str
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_attend_cached`` on raw projections, their norm and RoPE in one kernel each (no gradients):
+        (out (B, H, T, D), the normed pre-RoPE keys (B, Hkv, T, D) the cache keeps)."""
+        from ttt.triton_norm_rope import norm_rope
+
+        cfg = self.cfg
+        n_cached = 0 if cache is None else cache[0].shape[2]
+        cos, sin = rope_table(n_cached, q.shape[2], cfg.head_dim, cfg.rope_theta, q.device, torch.float32)
+        qw = self.q_norm.weight if cfg.qk_norm else None
+        kw = self.k_norm.weight if cfg.qk_norm else None
+        q_rot = norm_rope(q, qw, cfg.norm_eps, cos, sin, cfg.rope_interleaved)[0]
+        k_rot, k_normed = norm_rope(k, kw, cfg.norm_eps, cos, sin, cfg.rope_interleaved, want_normed=True)
+        assert k_normed is not None
+        k_rot, v_all = self._behind_cache(k_rot, v, cache)
+        o = attention(q_rot, k_rot, v_all.to(q_rot.dtype), window=cfg.window, backend=backend)  # (B, H, T, D)
+        return o, k_normed
+
+    def _behind_cache(
+        self, k_rot: torch.Tensor, v: torch.Tensor, cache: KV | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """[cache ; new] keys (the cache rotated at its positions 0..n-1) and values, (B, Hkv, n + T, D)."""
+        if cache is None or cache[0].shape[2] == 0:
+            return k_rot, v
+        cfg = self.cfg
+        k_cache = apply_rope(cache[0].to(k_rot.dtype), 0, cfg.rope_theta, cfg.rope_interleaved)
+        return torch.cat((k_cache, k_rot), 2), _cat_time(cache[1], v)
 
     def _attend_cached(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KV | None, backend: str
@@ -204,12 +259,7 @@ class Attention(nn.Module):
         q = apply_rope(q, n_cached, cfg.rope_theta, cfg.rope_interleaved)
         k_rot = apply_rope(k, n_cached, cfg.rope_theta, cfg.rope_interleaved)
         # cache and new keys rotated apart: the backward of a chunk step skips the (detached) cache
-        if n_cached:
-            assert cache is not None
-            k_cache = apply_rope(cache[0].to(k.dtype), 0, cfg.rope_theta, cfg.rope_interleaved)
-            k_rot, v_all = torch.cat((k_cache, k_rot), 2), _cat_time(cache[1], v)  # (B, Hkv, n_cached + T, D)
-        else:
-            v_all = v
+        k_rot, v_all = self._behind_cache(k_rot, v, cache)  # (B, Hkv, n_cached + T, D)
         return attention(q, k_rot, v_all.to(q.dtype), window=cfg.window, backend=backend)  # (B, H, T, D)
 
 
