@@ -741,6 +741,12 @@ def _parser() -> argparse.ArgumentParser:
         "--long-backend", default=None, help="auto's choice for long inputs: triton | flex | fa2 | band"
     )
     p.add_argument("--eager-head", action="store_true", help="chunk steps use the eager head (no fused NLL)")
+    p.add_argument(
+        "--unfused-norm-rope", action="store_true", help="prefix q/k norm and RoPE as separate compiled ops"
+    )
+    p.add_argument(
+        "--unfused-block-ops", action="store_true", help="separate silu/mul and norm/residual-add kernels"
+    )
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--rotate", type=int, default=3)
@@ -816,10 +822,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     inner.HEAD_FUSED = not args.eager_head
     att.CHUNK_BACKEND = args.chunk_backend or att.CHUNK_BACKEND
     att.LONG_BACKEND = args.long_backend or att.LONG_BACKEND
+    from ttt import model as tm
+
+    tm.FUSED_NORM_ROPE = False if args.unfused_norm_rope else tm.FUSED_NORM_ROPE
+    tm.FUSED_BLOCK_OPS = tm.FUSED_BLOCK_OPS and not args.unfused_block_ops
     res["attention_auto"] = {
         "chunk": att.CHUNK_BACKEND,
         "long": att.LONG_BACKEND,
         "head_fused": inner.HEAD_FUSED,
+        "fused_norm_rope": tm.FUSED_NORM_ROPE is not False,
+        "fused_block_ops": tm.FUSED_BLOCK_OPS,
     }
     res["params"] = {k: n_params(m, embedding=True) for k, m in models.items()}
     res["memory"] = [bench_memory(models, T) for T in sorted({*args.lengths, *args.long_lengths})]

@@ -312,3 +312,27 @@ def test_meta_loss_prefix_runs_compiled_and_gives_the_eager_gradients(monkeypatc
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     for (n, _), a, b in zip(m.named_parameters(), g_got, g_want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_fused_block_ops_give_the_separate_ops_results(monkeypatch) -> None:
+    """silu(a) * b and x + post_norm(a) compiled as one kernel each (``FUSED_BLOCK_OPS``) == the separate ops:
+    forward logits, a streamed prefill's NLL and state, and parameter gradients of the plain forward. Compiled
+    on CPU here by letting ``fused_enabled`` accept CPU tensors (CUDA runs the same functions)."""
+    from ttt import model as tm
+
+    monkeypatch.setattr(tm, "_COMPILED", {})
+    monkeypatch.setattr(tm, "fused_enabled", lambda x: x.dtype != torch.float64 and not tm._FUSED_OFF.get())
+    torch.manual_seed(0)
+    m = TTTModel(ModelConfig.from_name("debug", n_ttt_layers=2))
+    x = torch.randint(0, m.cfg.vocab_size, (2, 50))
+    res = []
+    for flag in (False, True):
+        monkeypatch.setattr(tm, "FUSED_BLOCK_OPS", flag)
+        logits = m(x)
+        grads = torch.autograd.grad(logits.square().mean(), list(m.parameters()))
+        a = m.prefill(x[:, :30])
+        b = m.prefill(x[:, 30:], a.state)
+        res.append([logits, *grads, a.token_nll, b.token_nll, *b.state.fast.values()])
+    assert {"silu_mul", "add_rms_norm"} <= set(tm._COMPILED), tm._COMPILED.keys()
+    for got, want in zip(res[1], res[0], strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ttt.inner import check_state, suffix_chunk_step
-from ttt.model import KV, Block, TTTModel, rope_rotate, swiglu_batched
+from ttt.model import KV, Block, TTTModel, add_post, rope_rotate, swiglu_batched
 from ttt.state import TTTState
 
 # SDPA backends of the per-token attention on CUDA (module doc: cuDNN re-plans for every cache length)
@@ -198,11 +198,11 @@ class DecodeSession:
         for i, blk in enumerate(m.blocks):
             if i == cfg.n_prefix_layers:
                 self.pending_h.index_copy_(1, self.pend_idx, h)
-            h = h + blk.attn_post(self._attend(blk, i, blk.attn_norm(h), cos, sin))
+            h = add_post(h, self._attend(blk, i, blk.attn_norm(h), cos, sin), blk.attn_post)
             if blk.has_prime:
                 p = blk.prime_norm(h)
-                h = h + blk.prime_post(swiglu_batched(p, m.block_fast(self.fast_lp, i)))
-            h = h + blk.mlp_post(blk.mlp(blk.mlp_norm(h)))
+                h = add_post(h, swiglu_batched(p, m.block_fast(self.fast_lp, i)), blk.prime_post)
+            h = add_post(h, blk.mlp(blk.mlp_norm(h)), blk.mlp_post)
         return m.head(h)[:, 0]  # (B, V) fp32
 
     # ---- the TTT step every b tokens ------------------------------------------------------------------

@@ -263,6 +263,32 @@ class Attention(nn.Module):
         return attention(q, k_rot, v_all.to(q.dtype), window=cfg.window, backend=backend)  # (B, H, T, D)
 
 
+# On CUDA, SwiGLU's silu(a) * b and each sublayer's x + post_norm(a) run as one compiled kernel each instead of two
+# (eager silu + mul; compiled norm + eager add): one write and one read of the (T, f) or (T, d) activation fewer.
+# False keeps the separate ops (eval.bench_latency --unfused-block-ops times both in one run).
+FUSED_BLOCK_OPS = True
+
+
+def _silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return F.silu(a) * b
+
+
+def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """silu(a) * b (one compiled kernel on CUDA when ``FUSED_BLOCK_OPS``)."""
+    return _fused("silu_mul", _silu_mul, a)(a, b) if FUSED_BLOCK_OPS else _silu_mul(a, b)
+
+
+def _add_rms_norm(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x + _rms_norm(a, weight, eps)
+
+
+def add_post(x: torch.Tensor, a: torch.Tensor, post: nn.Module) -> torch.Tensor:
+    """The residual update x + post(a) (one compiled kernel on CUDA for an RMSNorm post when ``FUSED_BLOCK_OPS``)."""
+    if FUSED_BLOCK_OPS and isinstance(post, RMSNorm):
+        return _fused("add_rms_norm", _add_rms_norm, a)(x, a, post.weight, post.eps)
+    return x + post(a)
+
+
 class SwiGLU(nn.Module):
     """w2(silu(w1 x) * w3 x), no biases."""
 
@@ -273,7 +299,7 @@ class SwiGLU(nn.Module):
         self.w3 = nn.Linear(d, f, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        return self.w2(silu_mul(self.w1(x), self.w3(x)))
 
 
 def swiglu_batched(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -286,7 +312,7 @@ def swiglu_batched(x: torch.Tensor, w: dict[str, torch.Tensor]) -> torch.Tensor:
     xt = x.transpose(1, 2)  # (B, d, T)
     h1 = w["w1"].to(x.dtype) @ xt  # (B, f, T)
     h3 = w["w3"].to(x.dtype) @ xt  # (B, f, T)
-    return (w["w2"].to(x.dtype) @ (F.silu(h1) * h3)).transpose(1, 2).contiguous()  # (B, T, d)
+    return (w["w2"].to(x.dtype) @ silu_mul(h1, h3)).transpose(1, 2).contiguous()  # (B, T, d)
 
 
 class Block(nn.Module):
@@ -313,11 +339,11 @@ class Block(nn.Module):
     ) -> tuple[torch.Tensor, KV]:
         """fast = per-row prime weights {w1, w2, w3} (B, ...); None = the module's own W0 (shared)."""
         a, kv = self.attn(self.attn_norm(x), cache, backend)
-        x = x + self.attn_post(a)
+        x = add_post(x, a, self.attn_post)
         if self.has_prime:
             p = self.prime_norm(x)
-            x = x + self.prime_post(self.prime(p) if fast is None else swiglu_batched(p, fast))
-        x = x + self.mlp_post(self.mlp(self.mlp_norm(x)))
+            x = add_post(x, self.prime(p) if fast is None else swiglu_batched(p, fast), self.prime_post)
+        x = add_post(x, self.mlp(self.mlp_norm(x)), self.mlp_post)
         return x, kv
 
 
