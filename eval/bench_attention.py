@@ -313,15 +313,23 @@ def hvp_sweep(H: int, D: int, b: int, w: int, args: Any) -> dict[str, Any]:
 
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by --triton-sweep: forward on the prefix shape, dQ in the window step
 FWD_SWEEP = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4)]
+CHUNK_FWD_SWEEP = [
+    (128, 64, 4, 3),
+    (64, 64, 4, 3),
+    (64, 128, 4, 3),
+    (64, 64, 4, 4),
+    (128, 128, 8, 3),
+    (64, 32, 4, 4),
+]
 DQ_SWEEP = [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4)]
 
 
 def triton_sweep(H: int, D: int, b: int, w: int, args: Any) -> dict[str, Any]:
-    """Each launch config of our forward (prefix) and dQ (window step) kernels, timed as the defaults are."""
+    """Each launch config of our forward (prefix; chunk) and dQ (window step) kernels, timed as the defaults are."""
     from ttt import triton_band as tb
 
-    saved = (tb.FWD_CONFIG, tb.DQ_CONFIG)
-    out: dict[str, Any] = {"prefix_fwd": {}, "window_step": {}}
+    saved = (tb.FWD_CONFIG, tb.DQ_CONFIG, tb.CHUNK_FWD_CONFIG)
+    out: dict[str, Any] = {"prefix_fwd": {}, "chunk_fwd": {}, "window_step": {}}
     try:
         for cfg in FWD_SWEEP:
             tb.FWD_CONFIG = cfg
@@ -329,12 +337,19 @@ def triton_sweep(H: int, D: int, b: int, w: int, args: Any) -> dict[str, Any]:
                                                 False, args)  # fmt: skip
             log.info("sweep fwd %s %s", cfg, out["prefix_fwd"][str(cfg)])
         tb.FWD_CONFIG = saved[0]
+        for cfg in CHUNK_FWD_SWEEP:
+            tb.CHUNK_FWD_CONFIG = cfg
+            out["chunk_fwd"][str(cfg)] = _safe(
+                time_kernel, _triton_attention, H, D, b, w - 1 + b, w, False, args
+            )
+            log.info("sweep chunk fwd %s %s", cfg, out["chunk_fwd"][str(cfg)])
+        tb.CHUNK_FWD_CONFIG = saved[2]
         for cfg in DQ_SWEEP:
             tb.DQ_CONFIG = cfg
             out["window_step"][str(cfg)] = _safe(time_window, H, D, b, w, "triton", args)
             log.info("sweep dq %s %s", cfg, out["window_step"][str(cfg)])
     finally:
-        tb.FWD_CONFIG, tb.DQ_CONFIG = saved
+        tb.FWD_CONFIG, tb.DQ_CONFIG, tb.CHUNK_FWD_CONFIG = saved
     return out
 
 

@@ -46,6 +46,10 @@ LOG2E = 1.4426950408889634
 # for (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (128, 32, 4, 4); a chunk step's attention 0.90 ms with dQ at
 # (64, 64, 4, 3) vs 1.02-1.13 for (128, 64, 8, 3), (64, 128, 4, 3), (128, 32, 4, 3), (64, 32, 4, 4). dK/dV untuned.
 FWD_CONFIG = (128, 64, 4, 3)
+# the forward of calls with at most CHUNK_QUERIES queries (a TTT chunk: 1,024 queries x 32 heads = 256 programs of
+# 128 rows, under two waves on 132 SMs). Same as FWD_CONFIG until timed: ``--triton-sweep`` times the alternatives.
+CHUNK_FWD_CONFIG = (128, 64, 4, 3)
+CHUNK_QUERIES = 4096
 DQ_CONFIG = (64, 64, 4, 3)
 DKDV_CONFIG = (64, 64, 4, 2)
 
@@ -366,7 +370,7 @@ def band_forward(
     lo, hi = k_range or (0, tk)
     out = torch.empty(B, H, tq, D, dtype=q.dtype, device=q.device)
     lse = torch.empty(B, H, tq, dtype=torch.float32, device=q.device)
-    bm, bn, warps, stages = FWD_CONFIG
+    bm, bn, warps, stages = CHUNK_FWD_CONFIG if tq <= CHUNK_QUERIES else FWD_CONFIG
     grid = (triton.cdiv(tq, bm), B * H)
     klo, from_ptr = _key_lo(key_lo, lse)
     _band_fwd[grid](
