@@ -358,18 +358,19 @@ def bench_memory(models: dict[str, TTTModel], T: int) -> dict[str, Any]:
 
 def _train_loss(m: TTTModel, kind: str, x: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
     """One training loss under bf16 autocast: ``e2e`` meta_loss (its TTT blocks' attention as ``META_BACKEND``
-    resolves: triton2 on the GPU), ``e2e-math`` meta_loss with explicit attention there (the previous path, timed
-    in the same run by --train-math), ``fa`` next-token CE."""
+    resolves: triton2 on the GPU; its CE ``ttt.xent``), ``e2e-math`` meta_loss with explicit attention and autograd's
+    generic CE (the session-11 path, timed in the same run by --train-math), ``fa`` next-token CE."""
     with torch.autocast("cuda", dtype=torch.bfloat16), sdpa_context(kind == "fa"):
         if kind in ("e2e", "e2e-math"):
             from ttt import inner
 
-            saved = inner.META_BACKEND
-            inner.META_BACKEND = "math" if kind == "e2e-math" else saved
+            saved = inner.META_BACKEND, inner.META_XENT
+            if kind == "e2e-math":  # the session-11 path: explicit attention, autograd's generic CE
+                inner.META_BACKEND, inner.META_XENT = "math", False
             try:
                 return m.meta_loss(x, checkpoint=args.checkpoint)
             finally:
-                inner.META_BACKEND = saved
+                inner.META_BACKEND, inner.META_XENT = saved
         logits = m(x[:, :-1])
         return F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
 

@@ -336,3 +336,45 @@ def test_fused_block_ops_give_the_separate_ops_results(monkeypatch) -> None:
     assert {"silu_mul", "add_rms_norm"} <= set(tm._COMPILED), tm._COMPILED.keys()
     for got, want in zip(res[1], res[0], strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_token_xent_equals_cross_entropy_to_second_order(monkeypatch, compiled: bool) -> None:
+    """``ttt.xent.token_xent`` == ``F.cross_entropy`` of the upcast logits: the NLL, its gradient taken with
+    create_graph, and the gradients of <that gradient, u> with respect to the logits and the NLL's weights. Eager in
+    float64; with the passes compiled as on CUDA (here on CPU), in fp32."""
+    from ttt import xent
+    from ttt.model import compiled as compile_fn
+
+    token_xent, dt, tol = xent.token_xent, torch.float64, 1e-12
+    if compiled:
+        monkeypatch.setattr(xent, "_kernel", lambda name, fn, like: compile_fn(f"xent{name}", fn))
+        dt, tol = torch.float32, 1e-5
+    torch.manual_seed(0)
+    z = torch.randn(2, 7, 11, dtype=dt, requires_grad=True)
+    y = torch.randint(0, 11, (2, 7))
+    g = torch.rand(2, 7, dtype=dt, requires_grad=True)
+    u = torch.randn(2, 7, 11, dtype=dt)
+    res = []
+    for fn in (token_xent, lambda z, y: F.cross_entropy(z.transpose(1, 2), y, reduction="none")):
+        nll = fn(z, y)
+        (dz,) = torch.autograd.grad((nll * g).sum(), z, create_graph=True)
+        res.append((nll, dz, *torch.autograd.grad((dz * u).sum(), (z, g))))
+    for a, b in zip(*res, strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_meta_loss_with_fused_xent_equals_generic_cross_entropy(monkeypatch) -> None:
+    """meta_loss and its parameter gradients (float64, two TTT blocks) are the same with ``META_XENT`` on and off."""
+    from ttt import inner
+
+    torch.manual_seed(0)
+    m = TTTModel(ModelConfig.from_name("debug", n_ttt_layers=2)).double()
+    x = torch.randint(0, m.cfg.vocab_size, (2, 50))
+    res = []
+    for flag in (False, True):
+        monkeypatch.setattr(inner, "META_XENT", flag)
+        loss = m.meta_loss(x)
+        res.append((loss, *torch.autograd.grad(loss, list(m.parameters()))))
+    for a, b in zip(*res, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

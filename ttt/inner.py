@@ -152,12 +152,24 @@ def _head_nll(model: TTTModel, x: torch.Tensor, targets: torch.Tensor) -> tuple[
     return logits[:, -1:], token_nll(logits, targets)
 
 
+# meta_loss's chunk CE through ``ttt.xent.token_xent`` (a gradient that is differentiated again in a few fused passes)
+# instead of autograd's generic upcast + log-softmax; False = the generic ops (``--train-math`` times both)
+META_XENT = True
+
+
 def head_nll(
-    model: TTTModel, x: torch.Tensor, targets: torch.Tensor, fused: bool
+    model: TTTModel, x: torch.Tensor, targets: torch.Tensor, fused: bool, second_order: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Output head + per-token NLL of a chunk: (logits, nll (B, n)). ``fused`` (CUDA, first order): one compiled
     function returning only the last input's logits (B, 1, V); the (B, n, V) fp32 logits and their gradient are
-    never written out (3b: 525 MB each per 1K chunk). Else the eager head and the full logits (B, n, V)."""
+    never written out (3b: 525 MB each per 1K chunk). ``second_order`` (meta_loss, with ``META_XENT``): the logits
+    (B, n, V) stay in the compute dtype and the NLL is ``ttt.xent.token_xent``. Else the eager head and the full fp32
+    logits (B, n, V)."""
+    if second_order and META_XENT:
+        from ttt.xent import token_xent
+
+        logits = model.head(x, up=False)
+        return logits, token_xent(logits, targets)
     if not fused:
         logits = model.head(x)
         return logits, token_nll(logits, targets)
@@ -187,7 +199,8 @@ def suffix_chunk_step(
     """
     cfg = model.cfg
     x, chunk_kv = model.run_blocks(h, range(cfg.n_prefix_layers, cfg.n_layers), kv, backend, fast)
-    logits, nll = head_nll(model, x, targets, fused=HEAD_FUSED and not create_graph and fused_enabled(x))
+    fused = HEAD_FUSED and not create_graph and fused_enabled(x)
+    logits, nll = head_nll(model, x, targets, fused=fused, second_order=create_graph)
     nll, loss = masked_chunk_loss(nll, targets, cfg.bos_id)
     if update:
         names = list(fast)

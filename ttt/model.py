@@ -391,12 +391,12 @@ class TTTModel(nn.Module):
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.tok_emb(tokens)  # (B, T, d)
 
-    def head(self, h: torch.Tensor) -> torch.Tensor:
-        """Final norm + (tied) output projection; logits up-cast to fp32. (B, T, d) -> (B, T, V)."""
+    def head(self, h: torch.Tensor, up: bool = True) -> torch.Tensor:
+        """Final norm + (tied) output projection; logits up-cast to fp32 (``up``). (B, T, d) -> (B, T, V)."""
         h = self.ln_f(h)
         w = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
         logits = F.linear(h, w)
-        return _up(logits)
+        return _up(logits) if up else logits
 
     def run_blocks(
         self,
