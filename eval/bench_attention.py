@@ -290,19 +290,19 @@ def bench_second(H: int, D: int, b: int, w: int, args: Any) -> dict[str, Any]:
 
 
 # launch configs of the three second-order kernels tried by --triton-sweep with --parts second
-HVP_SWEEP = [(32, 64, 8, 2), (64, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2), (32, 32, 4, 2), (64, 64, 4, 2)]
+HVP_SWEEP = [(64, 32, 4, 2), (64, 32, 8, 2), (32, 64, 8, 2), (64, 64, 8, 2), (32, 32, 4, 2), (64, 64, 4, 2)]
 
 
 def hvp_sweep(H: int, D: int, b: int, w: int, args: Any) -> dict[str, Any]:
     """triton2 differentiated twice on the chunk shape under each config of ``HVP_SWEEP``."""
     from ttt import triton_band2 as t2
 
-    dp = max(16, 1 << (D - 1).bit_length())
     saved = dict(t2.HVP_CONFIGS)
-    out: dict[str, Any] = {"padded_head_dim": dp}
+    out: dict[str, Any] = {"head_dim": D}
     try:
         for cfg in HVP_SWEEP:
-            t2.HVP_CONFIGS[dp] = cfg
+            t2.HVP_CONFIGS.clear()
+            t2.HVP_CONFIGS[D] = cfg
             out[str(cfg)] = _safe(time_second, _second_order_triton, H, D, b, w - 1 + b, w, args)
             log.info("sweep second order %s %s", cfg, out[str(cfg)])
     finally:

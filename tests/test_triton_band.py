@@ -230,7 +230,7 @@ def test_meta_loss_keeps_explicit_attention_on_cpu() -> None:
 def test_kernels_compile_for_the_h100_and_spill_little() -> None:
     """Every kernel (band attention first and second order, norm + RoPE), at the configs the code launches, compiles ahead of time for sm_90
     (Triton's own ptxas, no GPU needed), and its per-thread stack (register spills) stays small: a config that
-    spills kilobytes (the second-order kernels at (64, 64, 4 warps) spill 1.8-2.2 KB at head dim 128) fails."""
+    spills kilobytes (the second-order kernels at (64, 64, 4 warps) spill 1.9-2.7 KB at head dim 128) fails."""
     out = _run(
         """
         import os, re, subprocess, tempfile
@@ -271,10 +271,11 @@ def test_kernels_compile_for_the_h100_and_spill_little() -> None:
                                      dict(**split, BLOCK_M=m, BLOCK_N=n), w, s))
         ptrs = {**dict.fromkeys("Q K V DO GQ GK GV".split(), bf),
                 **dict.fromkeys("L DELTA C E PGV QB DOB KB VB".split(), f32)}
-        for d in (64, 128):
+        for d in (64, 80, 96, 128):
             m, n, w, s = t2.hvp_config(d)
+            d0, d1 = tb.split_head_dim(d)
             for fn in (t2._rows, t2._hvp_q, t2._hvp_kv):
-                worst = max(worst, stack(fn, ptrs, dict(D=d, BLOCK_M=m, BLOCK_N=n), w, s))
+                worst = max(worst, stack(fn, ptrs, dict(D0=d0, D1=d1, BLOCK_M=m, BLOCK_N=n), w, s))
         from ttt import triton_norm_rope as nr
 
         for inter in (True, False):
@@ -286,7 +287,7 @@ def test_kernels_compile_for_the_h100_and_spill_little() -> None:
         """,
         interpret=False,
     )
-    assert int(out.split()[-1]) <= 256, out
+    assert int(out.split()[-1]) <= 320, out  # the first-order kernels run fast at 56-104; D=96 hvp: 288
 
 
 def test_norm_rope_kernel_equals_float64_and_prefill_is_unchanged_in_the_interpreter() -> None:

@@ -17,8 +17,8 @@ Its backward, given the cotangents (gQ, gK, gV) of (dQ, dK, dV), with every depe
     e_i = Σ_j P_ij P̄_ij = Σ_j P_ij G_ij dP_ij − 2 Δ_i c_i + dO_i · (P gV)_i,   S̄ = P ∘ (P̄ − e)
     Q̄ = s (dS gK + S̄ K),  K̄ = s (dS^T gQ + S̄^T Q),  V̄ = dP̄^T dO,  dŌ = P gV + dP̄ V.
 Kernels: ``_rows`` (per query block over its keys: c, e, P gV), ``_hvp_q`` (Q̄, dŌ) and ``_hvp_kv`` (per key
-block over its queries and the query heads sharing it: K̄, V̄). Head dims are zero-padded to a power of two
-(padding adds nothing to any product). Semantics as ``ttt.attention``: queries are the last Tq of Tk keys.
+block over its queries and the query heads sharing it: K̄, V̄). Head dims run split as in ``ttt.triton_band``
+(80 = 64 + 16 columns, no padding). Semantics as ``ttt.attention``: queries are the last Tq of Tk keys.
 
 Tests: ``tests/test_triton_band.py`` (double backward against float64 autograd of explicit attention, through
 Triton's interpreter) and ``tests/test_ttt_gpu.py`` (bf16 on the GPU).
@@ -29,27 +29,28 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from ttt import triton_band
-from ttt.triton_band import LOG2E, TRITON_AVAILABLE, triton
+from ttt.triton_band import LOG2E, TRITON_AVAILABLE, split_head_dim, triton
 
 if TRITON_AVAILABLE:
     import triton.language as tl
 
     from ttt.triton_band import _key_range, _load_rows, _query_block, _visible
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) of the three kernels by padded head dim. Not yet timed on a GPU: chosen
-# as the configs whose sm_90 builds (triton 3.6, ptxas) spill least: per-thread stack of (_rows, _hvp_q, _hvp_kv)
-# 104/120/8 bytes at D=128 against 1824/2152/1784 for (64, 64, 4, 2); 24/64/64 at D=64 against 240/152/192.
-# ``eval.bench_attention --parts second --triton-sweep`` times the alternatives.
-HVP_CONFIGS = {64: (64, 64, 8, 2), 128: (32, 64, 8, 2)}
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) of the three kernels by head dim. Not yet timed on a GPU: chosen as
+# the configs whose sm_90 builds (triton 3.6, its ptxas) spill least. Per-thread stack bytes of (_rows, _hvp_q,
+# _hvp_kv), in parentheses those of (64, 64, 4, 2): D=80 (64 + 16) 16/152/96 (344/584/528; (32, 64, 8, 2) gives
+# 744/7664/16); D=64 16/16/8 (240/280/168); D=96 152/184/288 (656/1448/856); D=128 104/64/112 (1920/2696/2032). ``eval.bench_attention
+# --parts second --triton-sweep`` times the alternatives.
+HVP_CONFIGS = {64: (64, 32, 4, 2), 80: (64, 32, 4, 2), 96: (64, 32, 8, 2), 128: (32, 64, 8, 2)}
 
 
-def hvp_config(dp: int) -> tuple[int, int, int, int]:
-    """Launch config for padded head dim dp: its entry in ``HVP_CONFIGS``, else the nearest smaller one's."""
-    fits = [d for d in HVP_CONFIGS if d <= dp]
-    return HVP_CONFIGS[max(fits)] if fits else HVP_CONFIGS[min(HVP_CONFIGS)]
+def hvp_config(d: int) -> tuple[int, int, int, int]:
+    """Launch config for head dim d: the entry of the smallest head dim in ``HVP_CONFIGS`` at least d (else the
+    largest one's)."""
+    fits = [k for k in HVP_CONFIGS if k >= d]
+    return HVP_CONFIGS[min(fits)] if fits else HVP_CONFIGS[max(HVP_CONFIGS)]
 
 
 def usable(q: torch.Tensor) -> bool:
@@ -61,12 +62,59 @@ def usable(q: torch.Tensor) -> bool:
 if TRITON_AVAILABLE:
 
     @triton.jit
-    def _tile(q, do, gq, k, v, gk, lse2, pos, kn, k_hi, window, qk_scale, sm_scale):
+    def _ld(base, rows, n, D0: tl.constexpr, D1: tl.constexpr):
+        """Rows of a contiguous (n, D0 + D1) slice as two column tiles, [0, D0) and [D0, D0 + D1) (the second is the
+        first again when D1 = 0); rows >= n read 0."""
+        x0 = _load_rows(base, rows, D0 + D1, tl.arange(0, D0), n)
+        if D1 > 0:
+            x1 = _load_rows(base, rows, D0 + D1, D0 + tl.arange(0, D1), n)
+        else:
+            x1 = x0
+        return x0, x1
+
+    @triton.jit
+    def _st(base, rows, n, x0, x1, D0: tl.constexpr, D1: tl.constexpr):
+        """Store two column tiles into rows < n of a contiguous (n, D0 + D1) slice."""
+        keep = (rows < n)[:, None]
+        off = rows.to(tl.int64)[:, None] * (D0 + D1)
+        tl.store(base + off + tl.arange(0, D0)[None, :], x0, mask=keep)
+        if D1 > 0:
+            tl.store(base + off + D0 + tl.arange(0, D1)[None, :], x1, mask=keep)
+
+    @triton.jit
+    def _zeros(M: tl.constexpr, D0: tl.constexpr, D1: tl.constexpr):
+        z0 = tl.zeros([M, D0], dtype=tl.float32)
+        if D1 > 0:
+            z1 = tl.zeros([M, D1], dtype=tl.float32)
+        else:
+            z1 = z0
+        return z0, z1
+
+    @triton.jit
+    def _abt(a0, a1, b0, b1, D1: tl.constexpr):
+        """a b^T over the split head dim: (M, N) fp32."""
+        r = tl.dot(a0, tl.trans(b0))
+        if D1 > 0:
+            r += tl.dot(a1, tl.trans(b1))
+        return r
+
+    @triton.jit
+    def _acc(c0, c1, p, y0, y1, D1: tl.constexpr):
+        """(c0, c1) += p y: p (M, N) cast to y's dtype, y (N, D) as two column tiles."""
+        p = p.to(y0.dtype)
+        c0 += tl.dot(p, y0)
+        if D1 > 0:
+            c1 += tl.dot(p, y1)
+        return c0, c1
+
+    @triton.jit
+    def _tile(q0, q1, do0, do1, gq0, gq1, k0, k1, v0, v1, gk0, gk1, lse2, pos, kn, k_hi, window, qk_scale,
+              sm_scale, D1: tl.constexpr):  # fmt: skip
         """(p, dP, G) of one (M, N) tile: probabilities (0 outside the band), dO V^T and s (gQ K^T + Q gK^T)."""
-        s = tl.dot(q, tl.trans(k))  # (M, N)
+        s = _abt(q0, q1, k0, k1, D1)  # (M, N)
         p = tl.where(_visible(pos, kn, 0, k_hi, window), tl.math.exp2(s * qk_scale - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v))
-        g = (tl.dot(gq, tl.trans(k)) + tl.dot(q, tl.trans(gk))) * sm_scale
+        dp = _abt(do0, do1, v0, v1, D1)
+        g = (_abt(gq0, gq1, k0, k1, D1) + _abt(q0, q1, gk0, gk1, D1)) * sm_scale
         return p, dp, g
 
     @triton.jit
@@ -83,33 +131,38 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _rows(Q, K, V, DO, GQ, GK, GV, L, DELTA, C, E, PGV, H, REP, TQ, TK, window, qk_scale, sm_scale,
-              D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+              D0: tl.constexpr, D1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
         """c, e (B, H, Tq) and P gV (B, H, Tq, D) fp32 of BLOCK_M queries of one (batch, head)."""
         bh, b, h, hk, rows, pos = _query_block(H, REP, TK - TQ, BLOCK_M)
-        cols = tl.arange(0, D)
-        qo, ko = bh.to(tl.int64) * TQ * D, (b * (H // REP) + hk) * TK * D
-        q, do, gq = (_load_rows(Q + qo, rows, D, cols, TQ), _load_rows(DO + qo, rows, D, cols, TQ),
-                     _load_rows(GQ + qo, rows, D, cols, TQ))  # fmt: skip
+        qo, ko = bh.to(tl.int64) * TQ * (D0 + D1), (b * (H // REP) + hk) * TK * (D0 + D1)
+        q0, q1 = _ld(Q + qo, rows, TQ, D0, D1)
+        do0, do1 = _ld(DO + qo, rows, TQ, D0, D1)
+        gq0, gq1 = _ld(GQ + qo, rows, TQ, D0, D1)
         lse2, delta, _, _ = _row_stats(L, DELTA, L, L, bh, rows, TQ, False)
         c = tl.zeros([BLOCK_M], dtype=tl.float32)
         a = tl.zeros([BLOCK_M], dtype=tl.float32)
-        pgv = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+        pgv0, pgv1 = _zeros(BLOCK_M, D0, D1)
         lo, hi, _, _ = _key_range(TK - TQ, TQ, 0, TK, window, BLOCK_M, BLOCK_N)
         for start in range(lo, hi, BLOCK_N):
             kn = start + tl.arange(0, BLOCK_N)
-            k, v = _load_rows(K + ko, kn, D, cols, TK), _load_rows(V + ko, kn, D, cols, TK)
-            gk, gv = _load_rows(GK + ko, kn, D, cols, TK), _load_rows(GV + ko, kn, D, cols, TK)
-            p, dp, g = _tile(q, do, gq, k, v, gk, lse2, pos, kn, TK, window, qk_scale, sm_scale)
+            k0, k1 = _ld(K + ko, kn, TK, D0, D1)
+            v0, v1 = _ld(V + ko, kn, TK, D0, D1)
+            gk0, gk1 = _ld(GK + ko, kn, TK, D0, D1)
+            gv0, gv1 = _ld(GV + ko, kn, TK, D0, D1)
+            p, dp, g = _tile(q0, q1, do0, do1, gq0, gq1, k0, k1, v0, v1, gk0, gk1, lse2, pos, kn, TK, window,
+                             qk_scale, sm_scale, D1)  # fmt: skip
             pg = p * g
             c += tl.sum(pg, 1)
             a += tl.sum(pg * dp, 1)
-            pgv += tl.dot(p.to(gv.dtype), gv)
-        e = a - 2.0 * delta * c + tl.sum(do.to(tl.float32) * pgv, 1)
+            pgv0, pgv1 = _acc(pgv0, pgv1, p, gv0, gv1, D1)
+        b_i = tl.sum(do0.to(tl.float32) * pgv0, 1)
+        if D1 > 0:
+            b_i += tl.sum(do1.to(tl.float32) * pgv1, 1)
         keep = rows < TQ
         at = bh.to(tl.int64) * TQ + rows
         tl.store(C + at, c, mask=keep)
-        tl.store(E + at, e, mask=keep)
-        tl.store(PGV + qo + rows[:, None] * D + cols[None, :], pgv, mask=keep[:, None])
+        tl.store(E + at, a - 2.0 * delta * c + b_i, mask=keep)
+        _st(PGV + qo, rows, TQ, pgv0, pgv1, D0, D1)
 
     @triton.jit
     def _bars(p, dp, g, dogv, delta, c, e):
@@ -121,74 +174,70 @@ if TRITON_AVAILABLE:
 
     @triton.jit
     def _hvp_q(Q, K, V, DO, GQ, GK, GV, L, DELTA, C, E, PGV, QB, DOB, H, REP, TQ, TK, window, qk_scale, sm_scale,
-               D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+               D0: tl.constexpr, D1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
         """Q̄ = s (dS gK + S̄ K) and dŌ = P gV + dP̄ V (B, H, Tq, D) fp32 of BLOCK_M queries of one (batch, head)."""
         bh, b, h, hk, rows, pos = _query_block(H, REP, TK - TQ, BLOCK_M)
-        cols = tl.arange(0, D)
-        qo, ko = bh.to(tl.int64) * TQ * D, (b * (H // REP) + hk) * TK * D
-        q, do, gq = (_load_rows(Q + qo, rows, D, cols, TQ), _load_rows(DO + qo, rows, D, cols, TQ),
-                     _load_rows(GQ + qo, rows, D, cols, TQ))  # fmt: skip
+        qo, ko = bh.to(tl.int64) * TQ * (D0 + D1), (b * (H // REP) + hk) * TK * (D0 + D1)
+        q0, q1 = _ld(Q + qo, rows, TQ, D0, D1)
+        do0, do1 = _ld(DO + qo, rows, TQ, D0, D1)
+        gq0, gq1 = _ld(GQ + qo, rows, TQ, D0, D1)
         lse2, delta, c, e = _row_stats(L, DELTA, C, E, bh, rows, TQ, True)
-        qbar = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-        dobar = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+        qb0, qb1 = _zeros(BLOCK_M, D0, D1)
+        ob0, ob1 = _zeros(BLOCK_M, D0, D1)
         lo, hi, _, _ = _key_range(TK - TQ, TQ, 0, TK, window, BLOCK_M, BLOCK_N)
         for start in range(lo, hi, BLOCK_N):
             kn = start + tl.arange(0, BLOCK_N)
-            k, v = _load_rows(K + ko, kn, D, cols, TK), _load_rows(V + ko, kn, D, cols, TK)
-            gk, gv = _load_rows(GK + ko, kn, D, cols, TK), _load_rows(GV + ko, kn, D, cols, TK)
-            p, dp, g = _tile(q, do, gq, k, v, gk, lse2, pos, kn, TK, window, qk_scale, sm_scale)
-            ds, dpb, sb = _bars(p, dp, g, tl.dot(do, tl.trans(gv)), delta, c, e)
-            qbar += tl.dot(ds.to(k.dtype), gk) + tl.dot(sb.to(k.dtype), k)
-            dobar += tl.dot(dpb.to(v.dtype), v)
-        keep = rows < TQ
-        at = qo + rows[:, None] * D + cols[None, :]
-        dobar += tl.load(PGV + at, mask=keep[:, None], other=0.0)
-        tl.store(QB + at, qbar * sm_scale, mask=keep[:, None])
-        tl.store(DOB + at, dobar, mask=keep[:, None])
+            k0, k1 = _ld(K + ko, kn, TK, D0, D1)
+            v0, v1 = _ld(V + ko, kn, TK, D0, D1)
+            gk0, gk1 = _ld(GK + ko, kn, TK, D0, D1)
+            gv0, gv1 = _ld(GV + ko, kn, TK, D0, D1)
+            p, dp, g = _tile(q0, q1, do0, do1, gq0, gq1, k0, k1, v0, v1, gk0, gk1, lse2, pos, kn, TK, window,
+                             qk_scale, sm_scale, D1)  # fmt: skip
+            ds, dpb, sb = _bars(p, dp, g, _abt(do0, do1, gv0, gv1, D1), delta, c, e)
+            qb0, qb1 = _acc(qb0, qb1, ds, gk0, gk1, D1)
+            qb0, qb1 = _acc(qb0, qb1, sb, k0, k1, D1)
+            ob0, ob1 = _acc(ob0, ob1, dpb, v0, v1, D1)
+        pg0, pg1 = _ld(PGV + qo, rows, TQ, D0, D1)
+        _st(QB + qo, rows, TQ, qb0 * sm_scale, qb1 * sm_scale, D0, D1)
+        _st(DOB + qo, rows, TQ, ob0 + pg0, ob1 + pg1, D0, D1)
 
     @triton.jit
     def _hvp_kv(Q, K, V, DO, GQ, GK, GV, L, DELTA, C, E, KB, VB, H, REP, TQ, TK, window, qk_scale, sm_scale,
-                D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
+                D0: tl.constexpr, D1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
         """K̄ = s (dS^T gQ + S̄^T Q) and V̄ = dP̄^T dO (B, Hkv, Tk, D) fp32 of BLOCK_N keys of one (batch, kv head),
         summed over the REP query heads that share it."""
         start_n, bhk = tl.program_id(0), tl.program_id(1)
-        HKV = H // REP
-        b, hk = (bhk // HKV).to(tl.int64), bhk % HKV
+        b, hk = (bhk // (H // REP)).to(tl.int64), bhk % (H // REP)
         OFFSET = TK - TQ
         kn = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        cols = tl.arange(0, D)
-        ko = bhk.to(tl.int64) * TK * D
-        k, v = _load_rows(K + ko, kn, D, cols, TK), _load_rows(V + ko, kn, D, cols, TK)  # (N, D)
-        gk, gv = _load_rows(GK + ko, kn, D, cols, TK), _load_rows(GV + ko, kn, D, cols, TK)
-        kbar = tl.zeros([BLOCK_N, D], dtype=tl.float32)
-        vbar = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+        ko = bhk.to(tl.int64) * TK * (D0 + D1)
+        k0, k1 = _ld(K + ko, kn, TK, D0, D1)  # (N, D0), (N, D1)
+        v0, v1 = _ld(V + ko, kn, TK, D0, D1)
+        gk0, gk1 = _ld(GK + ko, kn, TK, D0, D1)
+        gv0, gv1 = _ld(GV + ko, kn, TK, D0, D1)
+        kb0, kb1 = _zeros(BLOCK_N, D0, D1)
+        vb0, vb1 = _zeros(BLOCK_N, D0, D1)
         n_first = start_n * BLOCK_N
-        n_last = tl.minimum(n_first + BLOCK_N, TK) - 1
         i_lo = tl.maximum(0, n_first - OFFSET)  # first query whose position reaches the block's first key
-        i_hi = tl.minimum(TQ, n_last - OFFSET + window)  # past the last query whose window holds the last key
+        i_hi = tl.minimum(TQ, tl.minimum(n_first + BLOCK_N, TK) - 1 - OFFSET + window)  # past the last one
         for r in range(REP):
             bh = b * H + hk * REP + r
-            qo = bh * TQ * D
+            qo = bh * TQ * (D0 + D1)
             for start in range(i_lo, i_hi, BLOCK_M):
                 rows = start + tl.arange(0, BLOCK_M)
-                q, do = _load_rows(Q + qo, rows, D, cols, TQ), _load_rows(DO + qo, rows, D, cols, TQ)
-                gq = _load_rows(GQ + qo, rows, D, cols, TQ)
+                q0, q1 = _ld(Q + qo, rows, TQ, D0, D1)
+                do0, do1 = _ld(DO + qo, rows, TQ, D0, D1)
+                gq0, gq1 = _ld(GQ + qo, rows, TQ, D0, D1)
                 lse2, delta, c, e = _row_stats(L, DELTA, C, E, bh, rows, TQ, True)
-                p, dp, g = _tile(q, do, gq, k, v, gk, lse2, rows + OFFSET, kn, TK, window, qk_scale, sm_scale)
+                p, dp, g = _tile(q0, q1, do0, do1, gq0, gq1, k0, k1, v0, v1, gk0, gk1, lse2, rows + OFFSET, kn, TK,
+                                 window, qk_scale, sm_scale, D1)  # fmt: skip
                 p = tl.where((rows < TQ)[:, None], p, 0.0)  # rows past Tq read zeros, and exp2(0) is not 0
-                ds, dpb, sb = _bars(p, dp, g, tl.dot(do, tl.trans(gv)), delta, c, e)
-                kbar += tl.dot(tl.trans(ds.to(q.dtype)), gq) + tl.dot(tl.trans(sb.to(q.dtype)), q)
-                vbar += tl.dot(tl.trans(dpb.to(do.dtype)), do)
-        keep = (kn < TK)[:, None]
-        at = ko + kn[:, None] * D + cols[None, :]
-        tl.store(KB + at, kbar * sm_scale, mask=keep)
-        tl.store(VB + at, vbar, mask=keep)
-
-
-def _padded(t: torch.Tensor, dp: int, dtype: torch.dtype) -> torch.Tensor:
-    """t (..., D) as a contiguous (..., dp) tensor of ``dtype``, zeros in the added columns."""
-    t = t.to(dtype)
-    return (F.pad(t, (0, dp - t.shape[-1])) if dp > t.shape[-1] else t).contiguous()
+                ds, dpb, sb = _bars(p, dp, g, _abt(do0, do1, gv0, gv1, D1), delta, c, e)
+                kb0, kb1 = _acc(kb0, kb1, tl.trans(ds), gq0, gq1, D1)
+                kb0, kb1 = _acc(kb0, kb1, tl.trans(sb), q0, q1, D1)
+                vb0, vb1 = _acc(vb0, vb1, tl.trans(dpb), do0, do1, D1)
+        _st(KB + ko, kn, TK, kb0 * sm_scale, kb1 * sm_scale, D0, D1)
+        _st(VB + ko, kn, TK, vb0, vb1, D0, D1)
 
 
 def band_backward_backward(
@@ -211,25 +260,25 @@ def band_backward_backward(
     hkv, tk = k.shape[1], k.shape[2]
     for name, t, like in (("grad_out", grad_out, q), ("gq", gq, q), ("gk", gk, k), ("gv", gv, v)):
         assert t.shape == like.shape, f"{name} must be {tuple(like.shape)}, got {tuple(t.shape)}"
-    dp = max(16, 1 << (D - 1).bit_length())  # a power of two: tl.arange and tl.dot need one
+    d0, d1 = split_head_dim(D)  # type: ignore[misc]  # _check: it splits
     dt = q.dtype
-    qp, dop, gqp = (_padded(t, dp, dt) for t in (q, grad_out, gq))  # (B, H, Tq, dp)
-    kp, vp, gkp, gvp = (_padded(t, dp, dt) for t in (k, v, gk, gv))  # (B, Hkv, Tk, dp)
+    qc, doc, gqc = (t.to(dt).contiguous() for t in (q, grad_out, gq))  # (B, H, Tq, D)
+    kc, vc, gkc, gvc = (t.to(dt).contiguous() for t in (k, v, gk, gv))  # (B, Hkv, Tk, D)
     lse, delta = lse.float().contiguous(), delta.float().contiguous()
     c, e = torch.empty_like(lse), torch.empty_like(lse)
-    pgv = torch.empty(B, H, tq, dp, dtype=torch.float32, device=q.device)
+    pgv = torch.empty(B, H, tq, D, dtype=torch.float32, device=q.device)
     qbar, dobar = torch.empty_like(pgv), torch.empty_like(pgv)
-    kbar = torch.empty(B, hkv, tk, dp, dtype=torch.float32, device=q.device)
+    kbar = torch.empty(B, hkv, tk, D, dtype=torch.float32, device=q.device)
     vbar = torch.empty_like(kbar)
     scale = 1.0 / math.sqrt(D)
     common = (H, H // hkv, tq, tk, window or tk + 1, scale * LOG2E, scale)
-    bm, bn, warps, stages = hvp_config(dp)
-    meta = dict(D=dp, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-    ins = (qp, kp, vp, dop, gqp, gkp, gvp, lse, delta)
+    bm, bn, warps, stages = hvp_config(D)
+    meta = dict(D0=d0, D1=d1, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+    ins = (qc, kc, vc, doc, gqc, gkc, gvc, lse, delta)
     _rows[(triton.cdiv(tq, bm), B * H)](*ins, c, e, pgv, *common, **meta)
     _hvp_q[(triton.cdiv(tq, bm), B * H)](*ins, c, e, pgv, qbar, dobar, *common, **meta)
     _hvp_kv[(triton.cdiv(tk, bn), B * hkv)](*ins, c, e, kbar, vbar, *common, **meta)
-    return qbar[..., :D], kbar[..., :D], vbar[..., :D], dobar[..., :D]
+    return qbar, kbar, vbar, dobar
 
 
 class _BandBackward(torch.autograd.Function):
