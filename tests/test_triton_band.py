@@ -221,7 +221,7 @@ def test_meta_loss_keeps_explicit_attention_on_cpu() -> None:
     from ttt.attention import attention
 
     h = torch.zeros(1, 4, 8)
-    assert inner.meta_backend(h) == "math"
+    assert inner.meta_backend(h, 64) == "math"
     q = torch.zeros(1, 2, 8, 32)
     with pytest.raises(AssertionError, match="triton"):
         attention(q, q, q, window=4, backend="triton2")

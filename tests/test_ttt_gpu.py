@@ -436,6 +436,10 @@ def test_meta_loss_with_triton2_equals_math_on_cuda() -> None:
     finally:
         inner.META_BACKEND = saved
     assert abs(got["auto"][0] - got["math"][0]) <= 1e-2 * abs(got["math"][0])
+    half = torch.zeros(1, device="cuda", dtype=torch.bfloat16)
+    assert (
+        inner.meta_backend(half, 80) == "triton2" and inner.meta_backend(half, 72) == "math"
+    )  # 72 won't split
     for n, g in got["math"][1].items():
         assert (got["auto"][1][n] - g).norm() <= 3e-2 * g.norm() + 1e-6, n
 

@@ -419,14 +419,14 @@ class _SuffixRun:
 META_BACKEND = "auto"
 
 
-def meta_backend(h: torch.Tensor) -> str:
+def meta_backend(h: torch.Tensor, head_dim: int) -> str:
     """The attention backend ``meta_loss`` runs for suffix input h (``META_BACKEND`` resolved)."""
     if META_BACKEND != "auto":
         return META_BACKEND
     from ttt import triton_band2
 
     half = h.dtype in (torch.float16, torch.bfloat16) or (h.is_cuda and torch.is_autocast_enabled("cuda"))
-    return "triton2" if half and triton_band2.usable(h) else "math"
+    return "triton2" if half and triton_band2.usable(h, head_dim) else "math"
 
 
 def meta_loss(
@@ -480,7 +480,7 @@ def _meta_suffix(
     kv: list[KV] = [(h.new_zeros(B, cfg.n_kv_heads, 0, cfg.head_dim),) * 2 for _ in range(cfg.n_ttt_layers)]
     losses = []
     starts = list(range(0, T, cfg.ttt_chunk))
-    backend = meta_backend(h)
+    backend = meta_backend(h, cfg.head_dim)
     for s in starts:
         args = (model, fast, kv, h[:, s : s + cfg.ttt_chunk], targets[:, s : s + cfg.ttt_chunk])
         kw = dict(lr=cfg.ttt_lr * ilr_scale, update=s != starts[-1], create_graph=True, backend=backend)

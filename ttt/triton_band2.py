@@ -53,10 +53,11 @@ def hvp_config(d: int) -> tuple[int, int, int, int]:
     return HVP_CONFIGS[min(fits)] if fits else HVP_CONFIGS[max(HVP_CONFIGS)]
 
 
-def usable(q: torch.Tensor) -> bool:
-    """Whether ``meta_loss`` may run these kernels for q: Triton present and q on CUDA (half precision, or fp32
-    under autocast, which the caller casts)."""
-    return TRITON_AVAILABLE and q.is_cuda
+def usable(x: torch.Tensor, head_dim: int) -> bool:
+    """Whether ``meta_loss`` may run these kernels for attention over tensors on x's device with this head dim:
+    Triton present, CUDA, a head dim that splits into two power-of-two parts (the dtype is the caller's test: half
+    precision, or fp32 under autocast, which ``attention2`` casts)."""
+    return TRITON_AVAILABLE and x.is_cuda and split_head_dim(head_dim) is not None
 
 
 if TRITON_AVAILABLE:
