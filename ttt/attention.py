@@ -165,35 +165,10 @@ def _fa2_forward_lse(
     return out.transpose(1, 2), lse[:, :, :tq]
 
 
-class _TritonBand(torch.autograd.Function):
-    """Band attention through ``ttt.triton_band``: forward saves (out, lse); backward gives dq, dk, dv (first
-    order)."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, window):  # noqa: ANN001, ANN205 - autograd.Function signature
-        from ttt import triton_band
-
-        out, lse = triton_band.band_forward(q, k, v, window)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.window = window
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
-        from ttt import triton_band
-
-        q, k, v, out, lse = ctx.saved_tensors
-        go = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        dq, dk, dv = triton_band.band_backward(q, k, v, out, lse, go, ctx.window, kv_grad_from=0)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
-
-
 def _triton_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-        return _TritonBand.apply(q, k, v, window)
     from ttt import triton_band
 
-    return triton_band.band_forward(q, k, v, window)[0]
+    return triton_band.band_attention(q, k, v, window)
 
 
 def triton_usable(q: torch.Tensor) -> bool:

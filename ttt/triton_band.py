@@ -427,3 +427,29 @@ def band_backward(
             D0=d0, D1=d1, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
         )  # fmt: skip
     return dq, dk, dv
+
+
+class BandAttention(torch.autograd.Function):
+    """Band attention: forward saves (out, lse); backward gives dq, dk, dv (first order; ``ttt.triton_band2``
+    subclasses it with a backward that is differentiable again)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, window):  # noqa: ANN001, ANN205 - autograd.Function signature
+        out, lse = band_forward(q, k, v, window)
+        ctx.save_for_backward(q, k, v, out, lse)
+        ctx.window = window
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+        q, k, v, out, lse = ctx.saved_tensors
+        go = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+        dq, dk, dv = band_backward(q, k, v, out, lse, go, ctx.window, kv_grad_from=0)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+
+
+def band_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> torch.Tensor:
+    """Band attention (B, H, Tq, D) with first-order autograd; the forward kernel alone when no gradient is wanted."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return BandAttention.apply(q, k, v, window)
+    return band_forward(q, k, v, window)[0]

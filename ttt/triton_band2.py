@@ -74,6 +74,29 @@ if TRITON_AVAILABLE:
         return x0, x1
 
     @triton.jit
+    def _ld_keys(K, V, GK, GV, ko, kn, TK, D0: tl.constexpr, D1: tl.constexpr):
+        """Key rows kn of K, V, gK, gV (each as two column tiles)."""
+        k0, k1 = _ld(K + ko, kn, TK, D0, D1)
+        v0, v1 = _ld(V + ko, kn, TK, D0, D1)
+        gk0, gk1 = _ld(GK + ko, kn, TK, D0, D1)
+        gv0, gv1 = _ld(GV + ko, kn, TK, D0, D1)
+        return k0, k1, v0, v1, gk0, gk1, gv0, gv1
+
+    @triton.jit
+    def _ld_queries(Q, DO, GQ, qo, rows, TQ, D0: tl.constexpr, D1: tl.constexpr):
+        """Query rows of Q, dO, gQ (each as two column tiles)."""
+        q0, q1 = _ld(Q + qo, rows, TQ, D0, D1)
+        do0, do1 = _ld(DO + qo, rows, TQ, D0, D1)
+        gq0, gq1 = _ld(GQ + qo, rows, TQ, D0, D1)
+        return q0, q1, do0, do1, gq0, gq1
+
+    @triton.jit
+    def _offsets(H, REP, TQ, TK, D: tl.constexpr, BLOCK_M: tl.constexpr):
+        """A query-block program's (bh, rows, positions, query-tensor offset, key-tensor offset)."""
+        bh, b, h, hk, rows, pos = _query_block(H, REP, TK - TQ, BLOCK_M)
+        return bh, rows, pos, bh.to(tl.int64) * TQ * D, (b * (H // REP) + hk) * TK * D
+
+    @triton.jit
     def _st(base, rows, n, x0, x1, D0: tl.constexpr, D1: tl.constexpr):
         """Store two column tiles into rows < n of a contiguous (n, D0 + D1) slice."""
         keep = (rows < n)[:, None]
@@ -134,11 +157,8 @@ if TRITON_AVAILABLE:
     def _rows(Q, K, V, DO, GQ, GK, GV, L, DELTA, C, E, PGV, H, REP, TQ, TK, window, qk_scale, sm_scale,
               D0: tl.constexpr, D1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
         """c, e (B, H, Tq) and P gV (B, H, Tq, D) fp32 of BLOCK_M queries of one (batch, head)."""
-        bh, b, h, hk, rows, pos = _query_block(H, REP, TK - TQ, BLOCK_M)
-        qo, ko = bh.to(tl.int64) * TQ * (D0 + D1), (b * (H // REP) + hk) * TK * (D0 + D1)
-        q0, q1 = _ld(Q + qo, rows, TQ, D0, D1)
-        do0, do1 = _ld(DO + qo, rows, TQ, D0, D1)
-        gq0, gq1 = _ld(GQ + qo, rows, TQ, D0, D1)
+        bh, rows, pos, qo, ko = _offsets(H, REP, TQ, TK, D0 + D1, BLOCK_M)
+        q0, q1, do0, do1, gq0, gq1 = _ld_queries(Q, DO, GQ, qo, rows, TQ, D0, D1)
         lse2, delta, _, _ = _row_stats(L, DELTA, L, L, bh, rows, TQ, False)
         c = tl.zeros([BLOCK_M], dtype=tl.float32)
         a = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -146,10 +166,7 @@ if TRITON_AVAILABLE:
         lo, hi, _, _ = _key_range(TK - TQ, TQ, 0, TK, window, BLOCK_M, BLOCK_N)
         for start in range(lo, hi, BLOCK_N):
             kn = start + tl.arange(0, BLOCK_N)
-            k0, k1 = _ld(K + ko, kn, TK, D0, D1)
-            v0, v1 = _ld(V + ko, kn, TK, D0, D1)
-            gk0, gk1 = _ld(GK + ko, kn, TK, D0, D1)
-            gv0, gv1 = _ld(GV + ko, kn, TK, D0, D1)
+            k0, k1, v0, v1, gk0, gk1, gv0, gv1 = _ld_keys(K, V, GK, GV, ko, kn, TK, D0, D1)
             p, dp, g = _tile(q0, q1, do0, do1, gq0, gq1, k0, k1, v0, v1, gk0, gk1, lse2, pos, kn, TK, window,
                              qk_scale, sm_scale, D1)  # fmt: skip
             pg = p * g
@@ -177,21 +194,15 @@ if TRITON_AVAILABLE:
     def _hvp_q(Q, K, V, DO, GQ, GK, GV, L, DELTA, C, E, PGV, QB, DOB, H, REP, TQ, TK, window, qk_scale, sm_scale,
                D0: tl.constexpr, D1: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):  # fmt: skip
         """Q̄ = s (dS gK + S̄ K) and dŌ = P gV + dP̄ V (B, H, Tq, D) fp32 of BLOCK_M queries of one (batch, head)."""
-        bh, b, h, hk, rows, pos = _query_block(H, REP, TK - TQ, BLOCK_M)
-        qo, ko = bh.to(tl.int64) * TQ * (D0 + D1), (b * (H // REP) + hk) * TK * (D0 + D1)
-        q0, q1 = _ld(Q + qo, rows, TQ, D0, D1)
-        do0, do1 = _ld(DO + qo, rows, TQ, D0, D1)
-        gq0, gq1 = _ld(GQ + qo, rows, TQ, D0, D1)
+        bh, rows, pos, qo, ko = _offsets(H, REP, TQ, TK, D0 + D1, BLOCK_M)
+        q0, q1, do0, do1, gq0, gq1 = _ld_queries(Q, DO, GQ, qo, rows, TQ, D0, D1)
         lse2, delta, c, e = _row_stats(L, DELTA, C, E, bh, rows, TQ, True)
         qb0, qb1 = _zeros(BLOCK_M, D0, D1)
         ob0, ob1 = _zeros(BLOCK_M, D0, D1)
         lo, hi, _, _ = _key_range(TK - TQ, TQ, 0, TK, window, BLOCK_M, BLOCK_N)
         for start in range(lo, hi, BLOCK_N):
             kn = start + tl.arange(0, BLOCK_N)
-            k0, k1 = _ld(K + ko, kn, TK, D0, D1)
-            v0, v1 = _ld(V + ko, kn, TK, D0, D1)
-            gk0, gk1 = _ld(GK + ko, kn, TK, D0, D1)
-            gv0, gv1 = _ld(GV + ko, kn, TK, D0, D1)
+            k0, k1, v0, v1, gk0, gk1, gv0, gv1 = _ld_keys(K, V, GK, GV, ko, kn, TK, D0, D1)
             p, dp, g = _tile(q0, q1, do0, do1, gq0, gq1, k0, k1, v0, v1, gk0, gk1, lse2, pos, kn, TK, window,
                              qk_scale, sm_scale, D1)  # fmt: skip
             ds, dpb, sb = _bars(p, dp, g, _abt(do0, do1, gv0, gv1, D1), delta, c, e)
@@ -212,10 +223,7 @@ if TRITON_AVAILABLE:
         OFFSET = TK - TQ
         kn = start_n * BLOCK_N + tl.arange(0, BLOCK_N)
         ko = bhk.to(tl.int64) * TK * (D0 + D1)
-        k0, k1 = _ld(K + ko, kn, TK, D0, D1)  # (N, D0), (N, D1)
-        v0, v1 = _ld(V + ko, kn, TK, D0, D1)
-        gk0, gk1 = _ld(GK + ko, kn, TK, D0, D1)
-        gv0, gv1 = _ld(GV + ko, kn, TK, D0, D1)
+        k0, k1, v0, v1, gk0, gk1, gv0, gv1 = _ld_keys(K, V, GK, GV, ko, kn, TK, D0, D1)  # (N, D0), (N, D1)
         kb0, kb1 = _zeros(BLOCK_N, D0, D1)
         vb0, vb1 = _zeros(BLOCK_N, D0, D1)
         n_first = start_n * BLOCK_N
@@ -226,9 +234,7 @@ if TRITON_AVAILABLE:
             qo = bh * TQ * (D0 + D1)
             for start in range(i_lo, i_hi, BLOCK_M):
                 rows = start + tl.arange(0, BLOCK_M)
-                q0, q1 = _ld(Q + qo, rows, TQ, D0, D1)
-                do0, do1 = _ld(DO + qo, rows, TQ, D0, D1)
-                gq0, gq1 = _ld(GQ + qo, rows, TQ, D0, D1)
+                q0, q1, do0, do1, gq0, gq1 = _ld_queries(Q, DO, GQ, qo, rows, TQ, D0, D1)
                 lse2, delta, c, e = _row_stats(L, DELTA, C, E, bh, rows, TQ, True)
                 p, dp, g = _tile(q0, q1, do0, do1, gq0, gq1, k0, k1, v0, v1, gk0, gk1, lse2, rows + OFFSET, kn, TK,
                                  window, qk_scale, sm_scale, D1)  # fmt: skip
@@ -303,18 +309,12 @@ class _BandBackward(torch.autograd.Function):
         return qb.to(q.dtype), kb.to(k.dtype), vb.to(v.dtype), None, None, gob.to(go.dtype), None
 
 
-class _BandAttention2(torch.autograd.Function):
-    """Band attention (``triton_band.band_forward``) whose backward is ``_BandBackward``: twice differentiable."""
+class _BandAttention2(triton_band.BandAttention):
+    """Band attention (``triton_band.BandAttention``'s forward) whose backward is ``_BandBackward``: twice
+    differentiable."""
 
     @staticmethod
-    def forward(ctx, q, k, v, window):  # noqa: ANN001, ANN205 - autograd.Function signature
-        out, lse = triton_band.band_forward(q, k, v, window)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.window = window
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):  # noqa: ANN001, ANN205
+    def backward(ctx, grad_out):  # noqa: ANN001, ANN205 - autograd.Function signature
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = _BandBackward.apply(q, k, v, out.detach(), lse, grad_out, ctx.window)
         return dq, dk, dv, None
