@@ -228,7 +228,8 @@ def test_meta_loss_keeps_explicit_attention_on_cpu() -> None:
 
 
 def test_kernels_compile_for_the_h100_and_spill_little() -> None:
-    """Every kernel (band attention first and second order, norm + RoPE), at the configs the code launches, compiles ahead of time for sm_90
+    """Every kernel (band attention first and second order, norm + RoPE, split-KV decode), at the configs the code
+    launches, compiles ahead of time for sm_90
     (Triton's own ptxas, no GPU needed), and its per-thread stack (register spills) stays small: a config that
     spills kilobytes (the second-order kernels at (64, 64, 4 warps) spill 1.9-2.7 KB at head dim 128) fails."""
     out = _run(
@@ -283,6 +284,16 @@ def test_kernels_compile_for_the_h100_and_spill_little() -> None:
                                                      **dict.fromkeys("W COS SIN".split(), f32), "eps": "fp32"},
                                      dict(D=80, BLOCK_D=128, BLOCK_R=nr.BLOCK_ROWS, NORM=True, INTERLEAVED=inter,
                                           WRITE_NORMED=True), 4, 3))
+        from ttt import triton_decode as td
+
+        for rep in (1, 2, 4, 8):
+            rep_p, block_n, warps = td.launch_config(rep)
+            worst = max(worst, stack(td._split, {**dict.fromkeys("Q K V".split(), bf), "VALID": "*i1",
+                                                 **dict.fromkeys("M L ACC".split(), f32)},
+                                     dict(HAS_VALID=True, D=80, BLOCK_D=128, REP_P=rep_p, SPLIT=td.SPLIT,
+                                          BLOCK_N=block_n), warps, 3))
+        worst = max(worst, stack(td._merge, {**dict.fromkeys("M L ACC".split(), f32), "OUT": bf},
+                                 dict(D=80, BLOCK_D=128, BLOCK_S=16), 4, 3))
         print("stack", worst)
         """,
         interpret=False,
@@ -323,6 +334,50 @@ def test_norm_rope_kernel_equals_float64_and_prefill_is_unchanged_in_the_interpr
                     b = m.prefill(tok[:, 70:], a.state)
                 res.append([a.token_nll, b.token_nll, *(t for kv in b.state.kv for t in kv)])
             worst = max(worst, max((x - y).abs().max().item() for x, y in zip(*res)))
+        print("worst", worst)
+        """
+    )
+    assert float(out.split()[-1]) < 1e-5, out
+
+
+def test_split_kv_decode_equals_float64_and_decoding_is_unchanged_in_the_interpreter() -> None:
+    """``ttt/triton_decode.py``: one query per row over a cache split into several programs == float64 SDPA
+    (GQA with 1, 2, 3 and 4 query heads per kv head, head dims 80/64/48/16, a masked static buffer, views of a
+    longer buffer, caches shorter than one split); and a TTT-E2E and a full-attention ``DecodeSession`` give the
+    same logits with it as with SDPA."""
+    out = _run(
+        """
+        import torch
+        import torch.nn.functional as F
+        from ttt import ModelConfig, TTTModel, decode, triton_decode as td
+
+        torch.manual_seed(0)
+        td.SPLIT = 128  # several splits on small caches
+        worst = 0.0
+        for B, H, Hkv, n, D, masked in [(1, 4, 4, 1000, 80, False), (2, 8, 2, 300, 64, True), (1, 2, 1, 77, 48, True),
+                                        (1, 3, 3, 5, 16, False), (1, 6, 2, 260, 64, True)]:
+            q = torch.randn(B, 1, H, D).transpose(1, 2)
+            k, v = (torch.randn(B, Hkv, n + 7, D)[:, :, :n] for _ in range(2))
+            valid = None
+            if masked:
+                valid = torch.rand(n) < 0.6
+                valid[0] = True
+            got = td.split_kv_attention(q, k, v, valid)
+            mask = None if valid is None else valid.view(1, 1, 1, -1)
+            ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask,
+                                                 enable_gqa=H != Hkv)
+            worst = max(worst, (got.double() - ref).abs().max().item())
+        td.usable = lambda q: True  # the interpreter stands in for CUDA
+        for cfg in (ModelConfig.from_name("debug"), ModelConfig.fa_control("debug")):
+            m = TTTModel(cfg).eval()
+            st = m.prefill(torch.randint(0, cfg.vocab_size, (2, 90))).state
+            feed = torch.randint(0, cfg.vocab_size, (20, 2))
+            logits = []
+            for kernel in ("sdpa", "auto"):
+                decode.DECODE_KERNEL = kernel
+                s = decode.DecodeSession(m, st, max_new_tokens=20, cuda_graph=False)
+                logits.append(torch.stack([s.step(t) for t in feed]))
+            worst = max(worst, (logits[0] - logits[1]).abs().max().item())
         print("worst", worst)
         """
     )

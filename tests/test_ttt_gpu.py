@@ -237,7 +237,7 @@ def test_graphed_training_step_equals_eager_on_cuda(kind: str) -> None:
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("gqa", [False, True])
 def test_decode_attention_equals_float64_at_every_cache_length_on_cuda(gqa: bool) -> None:
-    """The pinned (non-cuDNN) per-token attention over growing caches == float64 softmax attention."""
+    """The per-token attention (split-KV Triton kernel on CUDA) over growing caches == float64 softmax attention."""
     from ttt.decode import decode_attention
 
     torch.manual_seed(0)
@@ -253,7 +253,7 @@ def test_decode_attention_equals_float64_at_every_cache_length_on_cuda(gqa: bool
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fa_attention", ["sdpa", "math"])
+@pytest.mark.parametrize("fa_attention", ["auto", "sdpa", "math"])
 def test_graphed_full_attention_decode_equals_eager_on_cuda(fa_attention: str) -> None:
     """Full attention decodes from one CUDA graph over its static buffer (on-device mask of the filled slots):
     the same logits as the eager session, which attends over exactly the filled slots."""

@@ -35,14 +35,32 @@ from ttt.state import TTTState
 DECODE_SDPA_BACKENDS = ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH")
 
 
+# decode attention kernel: "auto" = our split-KV Triton kernel (``ttt/triton_decode.py``) where it runs (CUDA), else
+# SDPA; "sdpa" = SDPA always (on CUDA without cuDNN)
+DECODE_KERNEL = "auto"
+
+
 def decode_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gqa: bool, valid: torch.Tensor | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    gqa: bool,
+    valid: torch.Tensor | None = None,
+    kernel: str | None = None,
 ) -> torch.Tensor:
-    """SDPA of (B, H, 1, D) queries over cached keys (B, Hkv, n, D); on CUDA without cuDNN.
+    """Attention of (B, H, 1, D) queries over cached keys (B, Hkv, n, D).
 
     ``valid`` (n,) bool: which slots hold a key (a static full-attention buffer, filled up to the current
-    position); None = every slot. Masked calls run the memory-efficient kernel (flash takes no mask).
+    position); None = every slot. ``kernel`` (default ``DECODE_KERNEL``): ``"auto"`` runs the split-KV Triton
+    kernel on CUDA, else SDPA; ``"sdpa"``: SDPA (masked calls run the memory-efficient kernel: flash takes no mask).
     """
+    kernel = kernel or DECODE_KERNEL
+    assert kernel in ("auto", "sdpa"), f"decode kernel must be 'auto' or 'sdpa', got {kernel!r}"
+    if kernel == "auto":
+        from ttt import triton_decode
+
+        if triton_decode.usable(q):
+            return triton_decode.split_kv_attention(q, k, v, valid)
     mask = None if valid is None else valid.view(1, 1, 1, -1)
     if not q.is_cuda:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
@@ -87,16 +105,17 @@ class DecodeSession:
         max_new_tokens: int = 0,
         cuda_graph: bool = True,
         consume_state: bool = False,
-        fa_attention: str = "sdpa",
+        fa_attention: str = "auto",
     ) -> None:
         """``max_new_tokens`` sizes the full-attention buffer; ``consume_state=True`` frees each layer's cache
         in ``state`` once copied (a 128K full-attention cache would otherwise be held twice).
 
         Full attention on CUDA attends over its whole static buffer with an on-device mask of the filled
         slots, so its per-token step is one CUDA graph too; ``fa_attention`` picks that masked kernel:
-        ``"sdpa"`` (memory-efficient SDPA) or ``"math"`` (``masked_math_attention``)."""
-        assert fa_attention in ("sdpa", "math"), (
-            f"fa_attention must be 'sdpa' or 'math', got {fa_attention!r}"
+        ``"auto"`` (``decode_attention``'s default: the split-KV Triton kernel on CUDA), ``"sdpa"``
+        (memory-efficient SDPA) or ``"math"`` (``masked_math_attention``)."""
+        assert fa_attention in ("auto", "sdpa", "math"), (
+            f"fa_attention must be 'auto', 'sdpa' or 'math', got {fa_attention!r}"
         )
         cfg = model.cfg
         assert state.pos > 0 and state.last_logits is not None, "DecodeSession needs a state that read tokens"
@@ -183,7 +202,7 @@ class DecodeSession:
             if self.fa_attention == "math":
                 o = masked_math_attention(q, self.k[i], self.v[i], valid)
             else:
-                o = decode_attention(q, self.k[i], self.v[i], gqa, valid)
+                o = decode_attention(q, self.k[i], self.v[i], gqa, valid, kernel=self.fa_attention)
         else:
             n = self.n_valid  # host int: == slots (static) once the ring is full
             # every cached slot is visible (the ring holds exactly the window)
