@@ -149,7 +149,8 @@ def test_second_order_kernels_equal_float64_in_the_interpreter() -> None:
     """``backend="triton2"`` (``ttt/triton_band2.py``): out, the first gradients taken with create_graph, and the
     gradients of <(dq, dk, dv), random cotangents> with respect to q, k, v and the output cotangent (the
     Hessian-vector products meta_loss takes) == float64 autograd of explicit attention. Chunk shapes, a square
-    causal one, GQA, head dims split in two (80 = 64 + 16, 48 = 32 + 16) and not (64, 32), a window wider than every distance."""
+    causal one, GQA, head dims split in two (80 = 64 + 16, 48 = 32 + 16) and not (64, 32), a window wider than
+    every distance."""
     out = _run(
         """
         import torch
