@@ -185,7 +185,7 @@ def test_meta_loss_gradients_with_triton2_equal_math_in_the_interpreter() -> Non
     """meta_loss's parameter gradients with the TTT blocks' attention on ``triton2`` == on ``math`` (fp32). Two
     TTT blocks, so the inner gradient of the first one's MLP runs through the second one's attention and the outer
     gradient through that attention's backward (with one TTT block no second derivative of attention arises);
-    GQA and not; 97 tokens over a 64-token window (the cache is cut)."""
+    GQA and not; 97 tokens over a 64-token window (the cache is cut); with per-chunk checkpointing too."""
     out = _run(
         """
         import torch
@@ -199,14 +199,15 @@ def test_meta_loss_gradients_with_triton2_equal_math_in_the_interpreter() -> Non
             m = TTTModel(ModelConfig.from_name("debug", n_kv_heads=kvh, n_ttt_layers=2))
             tok = torch.randint(0, m.cfg.vocab_size, (2, 97))
             got = {}
-            for be in ("math", "triton2"):
+            for be, ck in (("math", False), ("triton2", False), ("triton2", True)):
                 inner.META_BACKEND = be
                 m.zero_grad()
-                loss = m.meta_loss(tok)
+                loss = m.meta_loss(tok, checkpoint=ck)
                 loss.backward()
-                got[be] = [loss.detach()] + [p.grad.clone() for p in m.parameters()]
-            for a, b in zip(got["triton2"], got["math"]):
-                worst = max(worst, (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12))
+                got[be, ck] = [loss.detach()] + [p.grad.clone() for p in m.parameters()]
+            for key in (("triton2", False), ("triton2", True)):
+                for a, b in zip(got[key], got["math", False]):
+                    worst = max(worst, (a - b).abs().max().item() / max(b.abs().max().item(), 1e-12))
         print("worst", worst)
         """
     )
