@@ -127,7 +127,8 @@ def test_window_step_with_triton_equals_math_in_the_interpreter() -> None:
         B, H, Hkv, D, b, w = 2, 4, 2, 80, 48, 100
         q = torch.randn(B, H, b, D, requires_grad=True)
         k, v = (torch.randn(B, Hkv, b, D, requires_grad=True) for _ in range(2))
-        kw, vw = torch.randn(B, Hkv, w - 1 + b, D), torch.randn(B, Hkv, w - 1 + b, D)
+        # token-major window buffers, as the graphed prefill's ring holds them (ttt/graphs.py RingKV)
+        kw, vw = (torch.randn(B, w - 1 + b, Hkv, D).transpose(1, 2) for _ in range(2))
         cache_k, cache_v = kw[:, :, : w - 1].clone(), vw[:, :, : w - 1].clone()
         assert auto_backend(q.detach(), w - 1 + b, w) != "triton"  # auto never sends CPU work to the interpreter
         o = attention_in_window(q, k, v, kw, vw, window=w, backend="triton")
