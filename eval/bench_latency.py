@@ -774,7 +774,9 @@ def _parser() -> argparse.ArgumentParser:
         "--profile-train", action="store_true", help="profile one eager step of each training system"
     )
     p.add_argument(
-        "--train-math", action="store_true", help="also time meta_loss with explicit attention (e2e-math)"
+        "--train-math",
+        action="store_true",
+        help="also time the session-11 meta_loss path (explicit attention, generic CE) as e2e-math",
     )
     p.add_argument(
         "--checkpoint", action="store_true", help="meta_loss with per-chunk activation checkpointing"
