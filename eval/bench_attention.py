@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from eval.bench_latency import cuda_time, error_text, summary
+from eval.bench_latency import cuda_time, safe_call, summary
 from eval.common import run_metadata, write_results
 from ttt import attention as att
 from ttt.attention import (
@@ -170,13 +170,6 @@ WINDOW_PATHS = {
 }
 
 
-def _safe(fn: Callable[..., dict[str, Any]], *a: Any) -> dict[str, Any]:
-    try:
-        return fn(*a)
-    except Exception as e:  # noqa: BLE001 - a kernel that does not run is recorded, the run goes on
-        return {"error": error_text(e)}
-
-
 def _window_call(H: int, D: int, b: int, w: int, path: str, q, k, v, kw, vw, do) -> tuple:  # noqa: ANN001
     backend, fwd = WINDOW_PATHS[path]
     saved, att.TRITON_WINDOW_FWD = att.TRITON_WINDOW_FWD, fwd
@@ -277,8 +270,8 @@ def bench_second(H: int, D: int, b: int, w: int, args: Any) -> dict[str, Any]:
     out: dict[str, Any] = {"tq": b, "tk": w - 1 + b, "window": w, "time": {}, "checks": {}}
     for name, fn in SECOND_ORDER.items():
         torch.cuda.reset_peak_memory_stats()
-        out["time"][name] = _safe(time_second, fn, H, D, b, w - 1 + b, w, args)
-        out["checks"][name] = _safe(check_second, fn, H, D, b, w - 1 + b, w)
+        out["time"][name] = safe_call(time_second, fn, H, D, b, w - 1 + b, w, args)
+        out["checks"][name] = safe_call(check_second, fn, H, D, b, w - 1 + b, w)
         log.info("second order %s %s %s", name, out["time"][name], out["checks"][name])
         torch.cuda.empty_cache()
     t = out["time"]
@@ -303,7 +296,7 @@ def hvp_sweep(H: int, D: int, b: int, w: int, args: Any) -> dict[str, Any]:
         for cfg in HVP_SWEEP:
             t2.HVP_CONFIGS.clear()
             t2.HVP_CONFIGS[D] = cfg
-            out[str(cfg)] = _safe(time_second, _second_order_triton, H, D, b, w - 1 + b, w, args)
+            out[str(cfg)] = safe_call(time_second, _second_order_triton, H, D, b, w - 1 + b, w, args)
             log.info("sweep second order %s %s", cfg, out[str(cfg)])
     finally:
         t2.HVP_CONFIGS.clear()
@@ -333,20 +326,20 @@ def triton_sweep(H: int, D: int, b: int, w: int, args: Any) -> dict[str, Any]:
     try:
         for cfg in FWD_SWEEP:
             tb.FWD_CONFIG = cfg
-            out["prefix_fwd"][str(cfg)] = _safe(time_kernel, _triton_attention, H, D, args.prefix, args.prefix, w,
+            out["prefix_fwd"][str(cfg)] = safe_call(time_kernel, _triton_attention, H, D, args.prefix, args.prefix, w,
                                                 False, args)  # fmt: skip
             log.info("sweep fwd %s %s", cfg, out["prefix_fwd"][str(cfg)])
         tb.FWD_CONFIG = saved[0]
         for cfg in CHUNK_FWD_SWEEP:
             tb.CHUNK_FWD_CONFIG = cfg
-            out["chunk_fwd"][str(cfg)] = _safe(
+            out["chunk_fwd"][str(cfg)] = safe_call(
                 time_kernel, _triton_attention, H, D, b, w - 1 + b, w, False, args
             )
             log.info("sweep chunk fwd %s %s", cfg, out["chunk_fwd"][str(cfg)])
         tb.CHUNK_FWD_CONFIG = saved[2]
         for cfg in DQ_SWEEP:
             tb.DQ_CONFIG = cfg
-            out["window_step"][str(cfg)] = _safe(time_window, H, D, b, w, "triton", args)
+            out["window_step"][str(cfg)] = safe_call(time_window, H, D, b, w, "triton", args)
             log.info("sweep dq %s %s", cfg, out["window_step"][str(cfg)])
     finally:
         tb.FWD_CONFIG, tb.DQ_CONFIG, tb.CHUNK_FWD_CONFIG = saved
@@ -361,23 +354,17 @@ def bench_preset(preset: str, args: Any) -> dict[str, Any]:
     tk = w - 1 + b
     for name, fn in kernels().items() if "chunk" in args.parts else ():
         exact = "not the band" not in name
-        for key, bwd in (("chunk_fwd", False), ("chunk_fwd_bwd", True)):
-            try:
-                out[key][name] = time_kernel(fn, H, D, b, tk, w, bwd, args)
-            except Exception as e:  # noqa: BLE001 - a kernel that does not run is recorded, the run goes on
-                out[key][name] = {"error": error_text(e)}
+        for key, bwd in (("chunk_fwd", False), ("chunk_fwd_bwd", True)):  # a kernel that fails is recorded
+            out[key][name] = safe_call(time_kernel, fn, H, D, b, tk, w, bwd, args)
             log.info("%s %s %s %s", preset, key, name, out[key][name])
         if exact:
-            try:
-                out["checks"][name] = check_exact(fn, H, D, b, tk, w)
-            except Exception as e:  # noqa: BLE001
-                out["checks"][name] = {"error": error_text(e)}
+            out["checks"][name] = safe_call(check_exact, fn, H, D, b, tk, w)
             log.info("%s check %s %s", preset, name, out["checks"][name])
         torch.cuda.empty_cache()
     if "chunk" in args.parts:
-        out["window_step"] = {name: _safe(time_window, H, D, b, w, name, args) for name in WINDOW_PATHS}
+        out["window_step"] = {name: safe_call(time_window, H, D, b, w, name, args) for name in WINDOW_PATHS}
         out["checks"].update(
-            {f"window {name}": _safe(check_window, H, D, b, w, name) for name in WINDOW_PATHS}
+            {f"window {name}": safe_call(check_window, H, D, b, w, name) for name in WINDOW_PATHS}
         )
         log.info("%s window step %s", preset, out["window_step"])
     if "second" in args.parts:
@@ -390,17 +377,11 @@ def bench_preset(preset: str, args: Any) -> dict[str, Any]:
                       "triton": _triton_attention}  # fmt: skip
     for tq, tk in ((4096, 4096), (3000, 3000 + 1023)):  # band is forward only: its own check, window 1024
         for name in ("band", "triton"):
-            try:
-                err = check_forward(prefix_kernels[name], H, D, tq, tk, 1024)
-            except Exception as e:  # noqa: BLE001
-                err = {"error": error_text(e)}
-            out["checks"][f"{name} prefix {tq}x{tk}"] = err
+            out["checks"][f"{name} prefix {tq}x{tk}"] = safe_call(check_forward, prefix_kernels[name], H, D, tq, tk,
+                                                                  1024)  # fmt: skip
     log.info("%s band checks %s", preset, {k: v for k, v in out["checks"].items() if k.startswith("band")})
     for name, fn in prefix_kernels.items():
-        try:
-            out["prefix_fwd"][name] = time_kernel(fn, H, D, args.prefix, args.prefix, w, False, args)
-        except Exception as e:  # noqa: BLE001
-            out["prefix_fwd"][name] = {"error": error_text(e)}
+        out["prefix_fwd"][name] = safe_call(time_kernel, fn, H, D, args.prefix, args.prefix, w, False, args)
         log.info("%s prefix %s %s", preset, name, out["prefix_fwd"][name])
     return out
 

@@ -67,6 +67,14 @@ def error_text(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e)[:300]}"
 
 
+def safe_call(fn: Callable[..., dict[str, Any]], *a: Any) -> dict[str, Any]:
+    """fn(*a), or ``{"error": ...}`` when it raises: a section that fails is recorded and the run goes on."""
+    try:
+        return fn(*a)
+    except Exception as e:  # noqa: BLE001 - recorded, the run goes on
+        return {"error": error_text(e)}
+
+
 def per_length(fn: Callable[[int], dict[str, Any]], lengths: list[int]) -> list[dict[str, Any]]:
     """``fn(T)`` for every length; a failure is recorded as ``{"T": T, "error": ...}`` and the next one runs."""
     out = []
@@ -422,12 +430,9 @@ def _train_record(
     rec["backends"] = backends
     rec["s_per_1k"] = rec["median_ms"] / n_tokens
     if getattr(args, "profile_train", False):
-        rec["profile"] = _safe_call(profile_train_step, m, kind, tok[0], args)
-    if args.train_graph:
-        try:
-            rec["graph"] = _train_graph_record(m, kind, tok[0].clone(), n_tokens, args)
-        except Exception as e:  # noqa: BLE001 - the eager record above stands
-            rec["graph"] = {"error": error_text(e)}
+        rec["profile"] = safe_call(profile_train_step, m, kind, tok[0], args)
+    if args.train_graph:  # a failure leaves the eager record above standing
+        rec["graph"] = safe_call(_train_graph_record, m, kind, tok[0].clone(), n_tokens, args)
         m.zero_grad(set_to_none=True)
     return rec
 
@@ -528,14 +533,6 @@ def _device_rows(prof: Any) -> list[tuple[str, float, int]]:
         for e in prof.key_averages()
         if e.device_type == torch.autograd.DeviceType.CUDA and e.self_device_time_total > 0
     ]
-
-
-def _safe_call(fn: Any, *a: Any) -> dict[str, Any]:
-    """fn(*a), or {"error": ...} when it raises: an optional measurement never takes the run down."""
-    try:
-        return fn(*a)
-    except Exception as e:  # noqa: BLE001
-        return {"error": error_text(e)}
 
 
 def profile_train_step(m: TTTModel, kind: str, x: torch.Tensor, args: argparse.Namespace) -> dict[str, Any]:
