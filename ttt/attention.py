@@ -23,8 +23,8 @@ Backends:
   backward that returns dK/dV only where asked. First-order; CUDA fp16/bf16 (or Triton's CPU interpreter). In a
   TTT chunk step (``attention_in_window``) its backward skips the committed keys' dK/dV, which FA-2 computes.
 - ``"triton2"``: the same forward and backward, whose backward is differentiable once more by three more fused
-  kernels (``ttt/triton_band2.py``): what ``meta_loss`` runs on CUDA instead of ``"math"``. Head dims padded to a
-  power of two; under CUDA autocast, fp32 inputs run in the autocast dtype.
+  kernels (``ttt/triton_band2.py``): what ``meta_loss`` runs on CUDA instead of ``"math"``. Head dims split as for
+  ``"triton"``; under CUDA autocast, fp32 inputs run in the autocast dtype.
 - ``"auto"``: flash when usable; sdpa (fused causal kernels) when the window covers every key; otherwise
   ``LONG_BACKEND`` / ``CHUNK_BACKEND`` (triton by default, measured fastest; then fa2, flex) by input length, see
   ``auto_backend``.
@@ -479,10 +479,9 @@ class _WindowAttention(torch.autograd.Function):
 
             q, k_win, v_win, out, lse, key_lo = ctx.saved
             del ctx.saved
-            go = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
             start = k_win.shape[2] - ctx.n
             dq, dk, dv = triton_band.band_backward(
-                q, k_win, v_win, out, lse, go, ctx.window, kv_grad_from=start, key_lo=key_lo
+                q, k_win, v_win, out, lse, grad_out, ctx.window, kv_grad_from=start, key_lo=key_lo
             )
             return dq.to(q.dtype), dk.to(k_win.dtype), dv.to(v_win.dtype), None, None, None, None
         dq, dk, dv = torch.autograd.grad(ctx.out, ctx.leaves, grad_out)

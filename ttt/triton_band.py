@@ -391,22 +391,24 @@ def band_backward(
     window: int | None,
     kv_grad_from: int,
     key_lo: torch.Tensor | None = None,
+    delta: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dq (B, H, Tq, D), dk, dv (B, Hkv, Tk - kv_grad_from, D)), fp32: dQ over every visible key, dK/dV only
     for keys ``kv_grad_from..Tk-1`` (the others are constants to the caller). ``out``/``lse`` from any exact
     forward (FlashAttention's log-sum-exp convention). ``key_lo`` as in ``band_forward`` (keys before it are
-    padding; they must precede ``kv_grad_from``)."""
+    padding; they must precede ``kv_grad_from``). ``delta`` (B, H, Tq) fp32: rowsum(grad_out * out) when the
+    caller has it already (else computed here). grad_out may have any strides."""
     d0, d1 = _check(q, k, v)
     B, H, tq, D = q.shape
     hkv, tk = k.shape[1], k.shape[2]
     assert 0 <= kv_grad_from <= tk, f"kv_grad_from {kv_grad_from} outside 0..{tk}"
-    assert grad_out.shape == q.shape and grad_out.stride(-1) == 1, (
-        "grad_out must be (B, H, Tq, D), last dim dense"
-    )
+    assert grad_out.shape == q.shape, f"grad_out must be (B, H, Tq, D) = {tuple(q.shape)}"
     assert lse.shape == (B, H, tq), f"lse must be (B, H, Tq) = {(B, H, tq)}, got {tuple(lse.shape)}"
+    go = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()  # the kernels need a dense last dim
     lse = lse.float().contiguous()
-    delta = (grad_out.float() * out.float()).sum(-1).contiguous()  # (B, H, Tq): rowsum(dO * O)
-    go = grad_out
+    if delta is None:
+        delta = (go.float() * out.float()).sum(-1)  # (B, H, Tq): rowsum(dO * O)
+    delta = delta.float().contiguous()
     dq = torch.empty(B, H, tq, D, dtype=torch.float32, device=q.device)
     win, rep, scale = window or tk + 1, H // hkv, 1.0 / math.sqrt(D)
     bm, bn, warps, stages = DQ_CONFIG
@@ -443,8 +445,7 @@ class BandAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # noqa: ANN001, ANN205
         q, k, v, out, lse = ctx.saved_tensors
-        go = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        dq, dk, dv = band_backward(q, k, v, out, lse, go, ctx.window, kv_grad_from=0)
+        dq, dk, dv = band_backward(q, k, v, out, lse, grad_out, ctx.window, kv_grad_from=0)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 

@@ -293,10 +293,11 @@ class _BandBackward(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, out, lse, grad_out, window):  # noqa: ANN001, ANN205 - autograd.Function signature
-        go = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
-        dq, dk, dv = triton_band.band_backward(q, k, v, out, lse, go, window, kv_grad_from=0)
-        delta = (go.float() * out.float()).sum(-1)  # (B, H, Tq)
-        ctx.save_for_backward(q, k, v, go, lse, delta)
+        delta = (grad_out.float() * out.float()).sum(-1)  # (B, H, Tq): rowsum(dO * O), for both backwards
+        dq, dk, dv = triton_band.band_backward(
+            q, k, v, out, lse, grad_out, window, kv_grad_from=0, delta=delta
+        )
+        ctx.save_for_backward(q, k, v, grad_out, lse, delta)
         ctx.window = window
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
