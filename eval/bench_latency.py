@@ -35,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from eval.common import run_metadata, write_results
+from eval.flops import FORMULAS, prefill_flops_per_token, train_matmul_flops
 from ttt import ModelConfig, TTTModel
 
 log = logging.getLogger("bench_latency")
@@ -98,15 +99,17 @@ def sdpa_context(fa: bool):
 
 
 # ---- models ----------------------------------------------------------------------------------------
+def config_of(preset: str, kind: str, vocab: int) -> ModelConfig:
+    """The config of a system: kind in {e2e, fa, swa}; FA/SWA twins use the FA MLP width (equal params)."""
+    assert kind in ("e2e", "fa", "swa"), f"unknown system {kind!r}: e2e, fa or swa"
+    make = {"e2e": ModelConfig.from_name, "fa": ModelConfig.fa_control, "swa": ModelConfig.swa_control}[kind]
+    return make(preset, vocab_size=vocab)
+
+
 def build(preset: str, kind: str, vocab: int, seed: int = 0) -> TTTModel:
-    """bf16 model of a preset: kind in {e2e, fa, swa}; FA/SWA twins use the FA MLP width (equal params)."""
+    """bf16 model of a preset's system (``config_of``) on the GPU."""
     torch.manual_seed(seed)
-    if kind == "e2e":
-        cfg = ModelConfig.from_name(preset, vocab_size=vocab)
-    elif kind == "fa":
-        cfg = ModelConfig.fa_control(preset, vocab_size=vocab)
-    else:
-        cfg = ModelConfig.swa_control(preset, vocab_size=vocab)
+    cfg = config_of(preset, kind, vocab)
     with torch.device("cuda"):
         model = TTTModel(cfg)
     return model.to(torch.bfloat16).eval()
@@ -144,24 +147,6 @@ def e2e_prefill(model: TTTModel, tokens: torch.Tensor, backend: str, segment: in
         out = model.prefill(tokens[:, s : s + segment], state, backend=backend)
         state = out.state
     return out
-
-
-def prefill_flops_per_token(model: TTTModel, T: int) -> float:
-    """Model FLOPs/token of a TTT-E2E (or plain) prefill: 2*P forward + causal attention + inner backward.
-
-    Inner step: the TTT blocks + head run forward (counted in 2*P) and backward for activation grads and the
-    prime weight grads (~2x their forward, the head included). Attention: 2 * 2 * window_keys * d per layer.
-    """
-    cfg = model.cfg
-    fwd = 2 * n_params(model)
-    keys = T / 2 if cfg.window is None or cfg.window >= T else cfg.window
-    attn = 4 * keys * cfg.n_heads * cfg.head_dim * cfg.n_layers
-    flops = fwd + attn + 2 * cfg.vocab_size * cfg.d_model  # the head of every position
-    if cfg.n_ttt_layers:
-        per_block = 2 * sum(p.numel() for p in model.blocks[-1].parameters())
-        ttt_fwd = cfg.n_ttt_layers * (per_block + 4 * min(keys, T) * cfg.n_heads * cfg.head_dim)
-        flops += 2 * (ttt_fwd + 2 * cfg.vocab_size * cfg.d_model)
-    return flops
 
 
 # ---- sections --------------------------------------------------------------------------------------
@@ -244,7 +229,7 @@ def _timed_prefill(kind: str, model: TTTModel, bufs: list[torch.Tensor], T: int,
             last.clear()
     rec["backends"] = dict(BACKEND_CALLS)
     rec["s_per_1k"] = rec["median_ms"] / 1000 / (B * T / 1000)
-    rec["tflops"] = prefill_flops_per_token(model, T) * B * T / (rec["median_ms"] / 1000) / 1e12
+    rec["tflops"] = prefill_flops_per_token(model.cfg, T) * B * T / (rec["median_ms"] / 1000) / 1e12
     if args.peak_tflops:
         rec["mfu"] = rec["tflops"] / args.peak_tflops
     return rec
@@ -380,8 +365,7 @@ def _train_loss(m: TTTModel, kind: str, x: torch.Tensor, args: argparse.Namespac
                 return m.meta_loss(x, checkpoint=args.checkpoint)
             finally:
                 inner.META_BACKEND, inner.META_XENT = saved
-        logits = m(x[:, :-1])
-        return F.cross_entropy(logits.flatten(0, 1), x[:, 1:].flatten())
+        return _fa_train_loss(m, x)
 
 
 def _train_graph_record(
@@ -437,6 +421,20 @@ def _train_record(
     return rec
 
 
+def train_flops(preset: str, T: int, B: int, vocab: int) -> dict[str, Any]:
+    """Matmul FLOPs per token of each system's training step, counted on the meta device (``eval.flops``):
+    how much of the e2e / FA time ratio is arithmetic (``e2e_over_fa_linear``), the rest being utilisation."""
+    counts = {
+        "e2e": train_matmul_flops(config_of(preset, "e2e", vocab), T, lambda m, x: m.meta_loss(x), B),
+        "fa": train_matmul_flops(config_of(preset, "fa", vocab), T, _fa_train_loss, B),
+    }
+    return {**counts, "e2e_over_fa_linear": counts["e2e"]["linear"] / counts["fa"]["linear"]}
+
+
+def _fa_train_loss(m: TTTModel, x: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(m(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+
+
 def bench_train(preset: str, T: int, B: int, args: argparse.Namespace) -> dict[str, Any]:
     """Seconds per 1K tokens of one training step (forward + backward): meta_loss vs FA next-token CE."""
     out: dict[str, Any] = {"T": T, "B": B}
@@ -451,6 +449,7 @@ def bench_train(preset: str, T: int, B: int, args: argparse.Namespace) -> dict[s
             out[kind] = {"error": error_text(e)}
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+    out["matmul_flops_per_token"] = safe_call(train_flops, preset, T, B, args.vocab)
     if all("s_per_1k" in out.get(k, {}) for k in ("e2e", "fa")):
         out["e2e_over_fa"] = out["e2e"]["s_per_1k"] / out["fa"]["s_per_1k"]
     if all("s_per_1k" in out.get(k, {}).get("graph", {}) for k in ("e2e", "fa")):
@@ -625,9 +624,7 @@ def _summary(res: dict[str, Any], preset: str) -> dict[str, Any]:
         "meta_train_slowdown_vs_fa_8k": train.get("e2e_over_fa"),
         "meta_train_slowdown_vs_fa_8k_graphed": train.get("e2e_over_fa_graphed"),
         "formulas": {
-            "prefill_flops_per_token": "2*P_nonembed + 2*V*d (head) + 4*keys*H*Dh*L (attention, keys = min(T/2 "
-            "causal, window)) + 2*[n_ttt*(2*P_block + 4*keys*H*Dh) + 2*V*d] (inner backward: activation + "
-            "prime-weight grads of the TTT blocks and head)",
+            **FORMULAS,
             "mfu": "prefill TFLOP/s (formula above) / bf16 8192^3 matmul TFLOP/s measured in the same run",
             "fa_kv_bytes": "2 * L * T * Hkv * Dh * 2 (bf16 K and V)",
             "ttt_state_bytes": "2 * L * (window-1) * Hkv * Dh * 2 + 3 * d * f_prime * n_ttt * 4 (fp32 fast weights)",
@@ -691,14 +688,38 @@ def plot_latency(res: dict[str, Any], path: Path, preset: str) -> dict[str, dict
     return drawn
 
 
+def rederive_flops(res: dict[str, Any]) -> None:
+    """Recompute every prefill record's TFLOP/s and MFU from its measured median with ``eval.flops`` (in place):
+    runs timed before that accounting (whose formula counted gradients the inner step never takes) then state the
+    same figures as new runs. The timings themselves are untouched."""
+    cfg = res.get("config") or {}
+    assert "preset" in cfg and "vocab" in cfg, (
+        "rederive_flops needs one run's record (its config), not a merged one"
+    )
+    peak = res.get("matmul_peak_tflops")
+    for key in ("prefill_batch1", "prefill_const_tokens"):
+        for rec in res.get(key) or []:
+            for kind in ("e2e", "fa", "swa"):
+                r = rec.get(kind)
+                if not isinstance(r, dict) or "median_ms" not in r:
+                    continue
+                flops = prefill_flops_per_token(config_of(cfg["preset"], kind, cfg["vocab"]), rec["T"])
+                r["tflops"] = flops * rec.get("B", 1) * rec["T"] / (r["median_ms"] / 1000) / 1e12
+                if peak:
+                    r["mfu"] = r["tflops"] / peak
+    res["flops_formula"] = FORMULAS["prefill_flops_per_token"]
+
+
 def merge_runs(paths: list[str]) -> dict[str, Any]:
     """Several runs of one session (same device, same code) as one record: each (length, system) prefill from the
     last file that timed it (list the run whose FA and TTT-E2E timings should pair last), memory / decode / train /
-    profile sections from the last file that has them, and the summary recomputed over the whole; ``merged_from``
-    lists the files with their timestamps, git shas and configs."""
+    profile sections from the last file that has them, TFLOP/s and MFU re-derived (``rederive_flops``), and the
+    summary recomputed over the whole; ``merged_from`` lists the files with their timestamps, git shas and configs."""
     runs = [json.loads(Path(p).read_text()) for p in paths]
     gpus = {r["device"]["gpu"] for r in runs}
     assert len(gpus) == 1, f"runs from different GPUs do not merge: {sorted(gpus)}"
+    for r in runs:
+        rederive_flops(r)
     res: dict[str, Any] = {"device": runs[-1]["device"], "merged_from": [], "prefill_batch1": []}
     by_len: dict[int, dict[str, Any]] = {}
     for path, r in zip(paths, runs, strict=True):

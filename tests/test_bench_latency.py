@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from eval.bench_latency import PAPER_PREFILL, _summary, bench_memory, merge_runs, plot_latency, prefill_series
+from eval.flops import prefill_flops_per_token
 from ttt import ModelConfig, TTTModel
 
 
@@ -96,13 +97,14 @@ def test_profile_summary_shares_and_categories() -> None:
 
 def test_merge_runs_pairs_each_length_from_the_last_file_that_timed_it(tmp_path) -> None:
     """Runs of one session merge per (length, system): a later file's timing wins, the others stay, the summary is
-    recomputed; runs from another GPU are refused."""
+    recomputed, MFU re-derived from the median with ``eval.flops`` (a stale stored MFU is replaced); runs from
+    another GPU are refused."""
     dev = {"gpu": "H100"}
 
     def run(name: str, prefill: list, **extra) -> str:  # noqa: ANN001, ANN003
         rec = {
             "device": dev,
-            "config": {"preset": "3b"},
+            "config": {"preset": "3b", "vocab": 128256},
             "timestamp": name,
             "git_sha": "abc",
             "prefill_batch1": prefill,
@@ -112,8 +114,11 @@ def test_merge_runs_pairs_each_length_from_the_last_file_that_timed_it(tmp_path)
 
     a = run("a.json", [{"T": 131072, "e2e": {"s_per_1k": 0.05}}, {"T": 8192, "e2e": {"s_per_1k": 0.04}}],
             profile=[{"T": 131072}])  # fmt: skip
-    b = run("b.json", [{"T": 131072, "e2e": {"s_per_1k": 0.03, "mfu": 0.5}, "fa": {"s_per_1k": 0.06}}])
+    b = run("b.json", [{"T": 131072, "e2e": {"s_per_1k": 0.03, "median_ms": 0.03 * 131072, "mfu": 0.5},
+                        "fa": {"s_per_1k": 0.06}}], matmul_peak_tflops=800.0)  # fmt: skip
     res = merge_runs([a, b])
+    flops = prefill_flops_per_token(ModelConfig.from_name("3b", vocab_size=128256), 131072)
+    assert res["summary"]["prefill_mfu"] == pytest.approx(flops * 1000 / 0.03 / 1e12 / 800.0, rel=1e-9)
     assert [r["T"] for r in res["prefill_batch1"]] == [8192, 131072]
     assert res["summary"]["prefill_speedup_vs_fa_128k_3b"] == pytest.approx(2.0)  # b's pair, not a's e2e
     assert res["summary"]["prefill_flatness_128k_over_8k"] == pytest.approx(0.75)
