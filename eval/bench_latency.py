@@ -737,6 +737,28 @@ def merge_runs(paths: list[str]) -> dict[str, Any]:
     return res
 
 
+def apply_path_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """Set the module switches of the TTT-E2E path from the command line (``--chunk-graph``: every prefill replays its
+    chunk-step graph, ``--compare-graph`` still times both; backends; the fused ops), and say what they are."""
+    from ttt import attention as att
+    from ttt import inner
+    from ttt import model as tm
+
+    inner.CHUNK_GRAPHS = args.chunk_graph
+    inner.HEAD_FUSED = not args.eager_head
+    att.CHUNK_BACKEND = args.chunk_backend or att.CHUNK_BACKEND
+    att.LONG_BACKEND = args.long_backend or att.LONG_BACKEND
+    tm.FUSED_NORM_ROPE = False if args.unfused_norm_rope else tm.FUSED_NORM_ROPE
+    tm.FUSED_BLOCK_OPS = tm.FUSED_BLOCK_OPS and not args.unfused_block_ops
+    return {
+        "chunk": att.CHUNK_BACKEND,
+        "long": att.LONG_BACKEND,
+        "head_fused": inner.HEAD_FUSED,
+        "fused_norm_rope": tm.FUSED_NORM_ROPE is not False,
+        "fused_block_ops": tm.FUSED_BLOCK_OPS,
+    }
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="125m")
@@ -836,25 +858,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res["check"] = check_vs_fp32(args)
     log.info("peak %.0f TFLOP/s; check %s", args.peak_tflops, res["check"])
     models = {k: build(args.preset, k, args.vocab) for k in args.systems}
-    # --chunk-graph: every TTT-E2E prefill replays its chunk-step graph (--compare-graph still times both)
-    from ttt import attention as att
-    from ttt import inner
-
-    inner.CHUNK_GRAPHS = args.chunk_graph
-    inner.HEAD_FUSED = not args.eager_head
-    att.CHUNK_BACKEND = args.chunk_backend or att.CHUNK_BACKEND
-    att.LONG_BACKEND = args.long_backend or att.LONG_BACKEND
-    from ttt import model as tm
-
-    tm.FUSED_NORM_ROPE = False if args.unfused_norm_rope else tm.FUSED_NORM_ROPE
-    tm.FUSED_BLOCK_OPS = tm.FUSED_BLOCK_OPS and not args.unfused_block_ops
-    res["attention_auto"] = {
-        "chunk": att.CHUNK_BACKEND,
-        "long": att.LONG_BACKEND,
-        "head_fused": inner.HEAD_FUSED,
-        "fused_norm_rope": tm.FUSED_NORM_ROPE is not False,
-        "fused_block_ops": tm.FUSED_BLOCK_OPS,
-    }
+    res["attention_auto"] = apply_path_flags(args)
     res["params"] = {k: n_params(m, embedding=True) for k, m in models.items()}
     res["memory"] = [bench_memory(models, T) for T in sorted({*args.lengths, *args.long_lengths})]
     res["prefill_batch1"] = [bench_prefill(models, T, 1, args) for T in args.lengths]
