@@ -352,19 +352,21 @@ def bench_memory(models: dict[str, TTTModel], T: int) -> dict[str, Any]:
 
 def _train_loss(m: TTTModel, kind: str, x: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
     """One training loss under bf16 autocast: ``e2e`` meta_loss (its TTT blocks' attention as ``META_BACKEND``
-    resolves: triton2 on the GPU; its CE ``ttt.xent``), ``e2e-math`` meta_loss with explicit attention and autograd's
-    generic CE (the session-11 path, timed in the same run by --train-math), ``fa`` next-token CE."""
+    resolves: triton2 on the GPU; its CE ``ttt.xent``; its norms ``ttt.norm2``), ``e2e-math`` meta_loss with explicit
+    attention, autograd's generic CE and eager norms (the session-11 path, timed in the same run by --train-math),
+    ``fa`` next-token CE."""
     with torch.autocast("cuda", dtype=torch.bfloat16), sdpa_context(kind == "fa"):
         if kind in ("e2e", "e2e-math"):
             from ttt import inner
+            from ttt import model as tm
 
-            saved = inner.META_BACKEND, inner.META_XENT
-            if kind == "e2e-math":  # the session-11 path: explicit attention, autograd's generic CE
-                inner.META_BACKEND, inner.META_XENT = "math", False
+            saved = inner.META_BACKEND, inner.META_XENT, tm.SECOND_ORDER_NORM
+            if kind == "e2e-math":  # the session-11 path
+                inner.META_BACKEND, inner.META_XENT, tm.SECOND_ORDER_NORM = "math", False, False
             try:
                 return m.meta_loss(x, checkpoint=args.checkpoint)
             finally:
-                inner.META_BACKEND, inner.META_XENT = saved
+                inner.META_BACKEND, inner.META_XENT, tm.SECOND_ORDER_NORM = saved
         return _fa_train_loss(m, x)
 
 
@@ -485,9 +487,9 @@ def bench_chunk_graph(model: TTTModel, T: int, args: argparse.Namespace) -> dict
     return out
 
 
-# kernel name -> category, first match wins (CUDA kernel names of cuBLAS/CUTLASS, flex/flash, Inductor, ATen)
+# kernel name -> category, first match wins (CUDA kernel names of cuBLAS/CUTLASS, flex/flash, ours, Inductor, ATen)
 KERNEL_CATEGORIES = (
-    ("attention", ("flex", "flash", "fmha", "attention", "cudnn")),
+    ("attention", ("flex", "flash", "fmha", "attention", "cudnn", "_band_", "_hvp_", "_rows")),
     ("matmul", ("gemm", "cutlass", "xmma", "nvjet", "cublas", "matmul", "addmm", "bmm", "aten::mm")),
     ("fused (compiled)", ("triton",)),
     ("softmax / loss", ("softmax", "cross_entropy", "nll_loss", "log_softmax")),
@@ -816,7 +818,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--train-math",
         action="store_true",
-        help="also time the session-11 meta_loss path (explicit attention, generic CE) as e2e-math",
+        help="also time the session-11 meta_loss path (explicit attention, generic CE, eager norms) as e2e-math",
     )
     p.add_argument(
         "--checkpoint", action="store_true", help="meta_loss with per-chunk activation checkpointing"

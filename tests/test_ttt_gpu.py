@@ -406,56 +406,70 @@ def test_triton2_second_order_equals_float64_on_cuda(hkv: int, dh: int, tq: int,
 
 @pytest.mark.gpu
 def test_meta_loss_with_triton2_equals_math_on_cuda() -> None:
-    """meta_loss under bf16 autocast: auto picks triton2 for the TTT blocks; the loss and parameter gradients
-    equal those with explicit attention (two TTT blocks, so second derivatives of attention are in play)."""
+    """meta_loss under bf16 autocast: auto picks triton2 for the TTT blocks, and its loss and parameter gradients
+    are as close to an fp32 explicit-attention reference as the bf16 explicit path's (two TTT blocks, so second
+    derivatives of attention are in play; head dims 16 and 64). The two bf16 paths are not compared with each
+    other per parameter: on the H100 both sit 30-80% off fp32 on the smallest gradients (the q/k norm gains)."""
     from ttt import inner
-    from ttt.attention import BACKEND_CALLS
 
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_name(
-        "debug", vocab_size=512, window=64, ttt_chunk=16, n_ttt_layers=2, n_kv_heads=2
-    )
-    m = TTTModel(cfg).cuda().train()
-    x = torch.randint(0, 512, (2, 161), device="cuda")
-    got = {}
     saved = inner.META_BACKEND
     try:
-        for be in ("auto", "math"):
-            inner.META_BACKEND = be
-            BACKEND_CALLS.clear()
-            m.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = m.meta_loss(x)
-            loss.backward()
-            got[be] = (
-                float(loss),
-                {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None},
+        for d_model in (64, 256):
+            cfg = ModelConfig.from_name("debug", vocab_size=512, d_model=d_model, window=64, ttt_chunk=16,
+                                        n_ttt_layers=2, n_kv_heads=2)  # fmt: skip
+            x = torch.randint(
+                0, 512, (2, 161), device="cuda", generator=torch.Generator("cuda").manual_seed(1)
             )
-            if be == "auto":
-                assert BACKEND_CALLS["triton2"] > 0 and BACKEND_CALLS["math"] == 0, BACKEND_CALLS
+            ref = _meta_grads(cfg, x, "math", autocast=False)
+            got = {be: _meta_grads(cfg, x, be, autocast=True) for be in ("auto", "math")}
+            err = {be: _grad_rel_err(g[1], ref[1]) for be, g in got.items()}
+            assert abs(got["auto"][0] - ref[0]) <= 1e-2 * abs(ref[0]), (got["auto"][0], ref[0])
+            assert err["auto"] <= 2 * err["math"] + 1e-3, (cfg.head_dim, err)
     finally:
         inner.META_BACKEND = saved
-    assert abs(got["auto"][0] - got["math"][0]) <= 1e-2 * abs(got["math"][0])
     half = torch.zeros(1, device="cuda", dtype=torch.bfloat16)
     assert (
         inner.meta_backend(half, 80) == "triton2" and inner.meta_backend(half, 72) == "math"
     )  # 72 won't split
-    for n, g in got["math"][1].items():
-        assert (got["auto"][1][n] - g).norm() <= 3e-2 * g.norm() + 1e-6, n
+
+
+def _meta_grads(cfg: ModelConfig, x: torch.Tensor, backend: str, autocast: bool) -> tuple[float, dict]:
+    """(loss, fp32 parameter gradients) of one meta_loss backward with ``inner.META_BACKEND = backend``."""
+    from ttt import inner
+    from ttt.attention import BACKEND_CALLS
+
+    torch.manual_seed(0)
+    m = TTTModel(cfg).cuda().train()
+    inner.META_BACKEND = backend
+    BACKEND_CALLS.clear()
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        loss = m.meta_loss(x)
+    loss.backward()
+    if backend == "auto" and autocast:
+        assert BACKEND_CALLS["triton2"] > 0 and BACKEND_CALLS["math"] == 0, BACKEND_CALLS
+    return float(loss.detach()), {n: p.grad.float() for n, p in m.named_parameters() if p.grad is not None}
+
+
+def _grad_rel_err(got: dict, ref: dict) -> float:
+    """||got - ref|| / ||ref|| over all parameter gradients together."""
+    num = sum(((got[n] - r) ** 2).sum() for n, r in ref.items())
+    return float((num / sum((r**2).sum() for r in ref.values())).sqrt())
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("interleaved", [True, False])
-def test_norm_rope_kernel_equals_compiled_ops_on_cuda(interleaved: bool) -> None:
+@pytest.mark.parametrize("dh", [80, 16])
+def test_norm_rope_kernel_equals_compiled_ops_on_cuda(interleaved: bool, dh: int) -> None:
     """The prefix's fused q/k norm + RoPE kernel (bf16) == the compiled RMSNorm then RoPE it replaces, on a
-    3b-shaped projection (head dim 80, a (B, T, H, D) buffer viewed as (B, H, T, D)), to bf16 rounding."""
+    3b-shaped projection (head dim 80, a (B, T, H, D) buffer viewed as (B, H, T, D)) and at head dim 16, to bf16
+    rounding; and no farther from float64 than the compiled ops (the same arithmetic, rounded to nearest)."""
     from ttt import model as tm
     from ttt.triton_norm_rope import norm_rope
 
     torch.manual_seed(0)
-    x = torch.randn(1, 4096, 32, 80, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
-    w = (torch.rand(80, device="cuda") + 0.5).to(torch.bfloat16)
-    cos, sin = tm.rope_table(8191, 4096, 80, 500000.0, x.device, torch.float32)
+    x = torch.randn(1, 4096, 32, dh, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    w = (torch.rand(dh, device="cuda") + 0.5).to(torch.bfloat16)
+    cos, sin = tm.rope_table(8191, 4096, dh, 500000.0, x.device, torch.float32)
     with torch.no_grad():
         got, normed = norm_rope(x, w, 1e-6, cos, sin, interleaved, want_normed=True)
         ref_n = tm._fused("rms_norm", tm._rms_norm, x)(x, w, 1e-6)
@@ -463,22 +477,56 @@ def test_norm_rope_kernel_equals_compiled_ops_on_cuda(interleaved: bool) -> None
     assert got.stride() == x.stride()
     for a, b in ((got, ref), (normed, ref_n)):
         assert (a.float() - b.float()).abs().max() <= 1e-2 * b.float().abs().max()
+    exact = tm._rope(tm._rms_norm(x.double(), w.double(), 1e-6), cos.double(), sin.double(), interleaved)
+    err = {k: float((t.double() - exact).abs().mean()) for k, t in (("kernel", got), ("compiled", ref))}
+    assert err["kernel"] <= 1.1 * err["compiled"], err  # truncating casts would be ~2x
 
 
 @pytest.mark.gpu
 def test_prefill_with_fused_norm_rope_equals_the_compiled_path_on_cuda(monkeypatch) -> None:
-    """A bf16 prefill in two calls with the prefix's norm + RoPE fused (default on CUDA) == with it off."""
+    """A prefill in two calls with the prefix's norm + RoPE fused (default on CUDA) == with it off, in fp32 (the
+    kernel takes fp32 too), head dims 16 and 80. Not in bf16: there, flipping the last bit of 5% of q/k entries
+    moves this tiny model's prefill NLL by 4-6% at its worst token (measured on CPU, the unfused path), as much as
+    bf16 itself does against fp32, so two bf16 paths that round differently cannot be held to less; the kernel's
+    bf16 arithmetic is checked directly (``test_norm_rope_kernel_equals_compiled_ops_on_cuda``)."""
     from ttt import model as tm
 
-    torch.manual_seed(0)
-    cfg = ModelConfig.from_name("debug", vocab_size=512, window=64, ttt_chunk=16, n_ttt_layers=2)
-    m = TTTModel(cfg).cuda().to(torch.bfloat16)
-    tok = torch.randint(0, 512, (2, 300), device="cuda")
+    for d_model in (64, 320):
+        torch.manual_seed(0)
+        cfg = ModelConfig.from_name(
+            "debug", vocab_size=512, d_model=d_model, window=64, ttt_chunk=16, n_ttt_layers=2
+        )
+        m = TTTModel(cfg).cuda()
+        tok = torch.randint(0, 512, (2, 300), device="cuda")
+        res = []
+        for flag in (False, None):
+            monkeypatch.setattr(tm, "FUSED_NORM_ROPE", flag)
+            with torch.no_grad():
+                a = m.prefill(tok[:, :170])
+                b = m.prefill(tok[:, 170:], a.state)
+            res.append(torch.cat((a.token_nll, b.token_nll), 1))
+        assert (res[0] - res[1]).abs().max() <= 1e-4 * res[0].abs().max(), cfg.head_dim
+
+
+@pytest.mark.gpu
+def test_second_order_norm_compiled_equals_float64_on_cuda() -> None:
+    """``ttt.norm2.rms_norm2`` with its three passes compiled (CUDA, bf16 activations, fp32 gain): forward, first
+    gradients and the gradients of a weighted sum of them, against autograd through ``_rms_norm`` in float64, to
+    bf16 rounding."""
+    from ttt.model import _rms_norm
+    from ttt.norm2 import rms_norm2
+
+    g = torch.Generator("cuda").manual_seed(0)
+    x, dy, u = (torch.randn(4, 1024, 80, device="cuda", generator=g) for _ in range(3))
+    w = torch.rand(80, device="cuda", generator=g) + 0.5
+    v = torch.randn(80, device="cuda", generator=g)
     res = []
-    for flag in (False, None):
-        monkeypatch.setattr(tm, "FUSED_NORM_ROPE", flag)
-        with torch.no_grad():
-            a = m.prefill(tok[:, :170])
-            b = m.prefill(tok[:, 170:], a.state)
-        res.append(torch.cat((a.token_nll, b.token_nll), 1).float())
-    assert (res[0] - res[1]).abs().max() <= 2e-2 * res[0].abs().max()
+    for fn, dt in ((rms_norm2, torch.bfloat16), (_rms_norm, torch.float64)):
+        xs, dys = x.to(dt).requires_grad_(True), dy.to(dt).requires_grad_(True)
+        ws = w.to(torch.float32 if dt == torch.bfloat16 else dt).requires_grad_(True)
+        y = fn(xs, ws, 1e-6)
+        dx, dw = torch.autograd.grad(y, (xs, ws), dys, create_graph=True)
+        second = torch.autograd.grad((dx * u.to(dt)).sum() + (dw * v.to(ws.dtype)).sum(), (xs, ws, dys))
+        res.append([t.double() for t in (y, dx, dw, *second)])
+    for a, b in zip(*res, strict=True):
+        assert (a - b).norm() <= 1e-2 * b.norm(), float((a - b).norm() / b.norm())
