@@ -121,7 +121,22 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _fused("rms_norm", _rms_norm, x)(x, self.weight, self.eps)
+        return rms_norm(x, self.weight, self.eps)
+
+
+# inside ``unfused()`` (where ``meta_loss`` takes gradients of gradients) the norms run ``ttt.norm2.rms_norm2``: each
+# pass (forward, backward, its backward) a few fused reductions, instead of autograd differentiating ``_rms_norm``
+# twice op by op; False = the eager ``_rms_norm`` there too
+SECOND_ORDER_NORM = True
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``_rms_norm``: compiled on CUDA; inside ``unfused()`` the twice-differentiable ``rms_norm2``."""
+    if _FUSED_OFF.get() and SECOND_ORDER_NORM:
+        from ttt.norm2 import rms_norm2
+
+        return rms_norm2(x, weight, eps)
+    return _fused("rms_norm", _rms_norm, x)(x, weight, eps)
 
 
 def apply_rope(x: torch.Tensor, start: int, theta: float, interleaved: bool) -> torch.Tensor:
@@ -284,8 +299,8 @@ def _add_rms_norm(x: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, eps: f
 
 def add_post(x: torch.Tensor, a: torch.Tensor, post: nn.Module) -> torch.Tensor:
     """The residual update x + post(a) (one compiled kernel on CUDA for an RMSNorm post when ``FUSED_BLOCK_OPS``)."""
-    if FUSED_BLOCK_OPS and isinstance(post, RMSNorm):
-        return _fused("add_rms_norm", _add_rms_norm, a)(x, a, post.weight, post.eps)
+    if FUSED_BLOCK_OPS and isinstance(post, RMSNorm) and fused_enabled(a):
+        return compiled("add_rms_norm", _add_rms_norm)(x, a, post.weight, post.eps)
     return x + post(a)
 
 
