@@ -352,7 +352,7 @@ def bench_memory(models: dict[str, TTTModel], T: int) -> dict[str, Any]:
 
 def _train_loss(m: TTTModel, kind: str, x: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
     """One training loss under bf16 autocast: ``e2e`` meta_loss (its TTT blocks' attention as ``META_BACKEND``
-    resolves: triton2 on the GPU; its CE ``ttt.xent``; its norms ``ttt.norm2``), ``e2e-math`` meta_loss with explicit
+    resolves: triton2 on the GPU; its CE ``ttt.xent``; its norms ``ttt.ops2``), ``e2e-math`` meta_loss with explicit
     attention, autograd's generic CE and eager norms (the session-11 path, timed in the same run by --train-math),
     ``fa`` next-token CE."""
     with torch.autocast("cuda", dtype=torch.bfloat16), sdpa_context(kind == "fa"):
@@ -360,13 +360,13 @@ def _train_loss(m: TTTModel, kind: str, x: torch.Tensor, args: argparse.Namespac
             from ttt import inner
             from ttt import model as tm
 
-            saved = inner.META_BACKEND, inner.META_XENT, tm.SECOND_ORDER_NORM
+            saved = inner.META_BACKEND, inner.META_XENT, tm.SECOND_ORDER_OPS
             if kind == "e2e-math":  # the session-11 path
-                inner.META_BACKEND, inner.META_XENT, tm.SECOND_ORDER_NORM = "math", False, False
+                inner.META_BACKEND, inner.META_XENT, tm.SECOND_ORDER_OPS = "math", False, False
             try:
                 return m.meta_loss(x, checkpoint=args.checkpoint)
             finally:
-                inner.META_BACKEND, inner.META_XENT, tm.SECOND_ORDER_NORM = saved
+                inner.META_BACKEND, inner.META_XENT, tm.SECOND_ORDER_OPS = saved
         return _fa_train_loss(m, x)
 
 

@@ -510,11 +510,11 @@ def test_prefill_with_fused_norm_rope_equals_the_compiled_path_on_cuda(monkeypat
 
 @pytest.mark.gpu
 def test_second_order_norm_compiled_equals_float64_on_cuda() -> None:
-    """``ttt.norm2.rms_norm2`` with its three passes compiled (CUDA, bf16 activations, fp32 gain): forward, first
+    """``ttt.ops2.rms_norm2`` with its three passes compiled (CUDA, bf16 activations, fp32 gain): forward, first
     gradients and the gradients of a weighted sum of them, against autograd through ``_rms_norm`` in float64, to
     bf16 rounding."""
     from ttt.model import _rms_norm
-    from ttt.norm2 import rms_norm2
+    from ttt.ops2 import rms_norm2
 
     g = torch.Generator("cuda").manual_seed(0)
     x, dy, u = (torch.randn(4, 1024, 80, device="cuda", generator=g) for _ in range(3))

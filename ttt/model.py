@@ -47,6 +47,12 @@ _FUSED_OFF: ContextVar[bool] = ContextVar("ttt_unfused", default=False)
 _COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
 
 
+# inside ``unfused()`` the norms, RoPE and SwiGLU's gate run ``ttt.ops2``'s twice-differentiable versions: each pass
+# (forward, backward, its backward) one fused function, instead of autograd differentiating the eager ops twice op by
+# op; False = the eager ops there too
+SECOND_ORDER_OPS = True
+
+
 class unfused:  # noqa: N801 - used like a function: ``with unfused(): ...``
     """Eager elementwise ops inside this block (needed where gradients of gradients are taken)."""
 
@@ -96,7 +102,12 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 
 def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
-    """Rotate x (..., T, D) by precomputed cos/sin (T, D/2) (fused on CUDA); shared by prefill and decode."""
+    """Rotate x (..., T, D) by precomputed cos/sin (T, D/2) (fused on CUDA; inside ``unfused()`` ``ttt.ops2.rope2``);
+    shared by prefill and decode."""
+    if _FUSED_OFF.get() and SECOND_ORDER_OPS:
+        from ttt.ops2 import rope2
+
+        return rope2(x, cos, sin, interleaved)
     return _fused("rope", _rope, x)(x, cos, sin, interleaved)
 
 
@@ -124,16 +135,10 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-# inside ``unfused()`` (where ``meta_loss`` takes gradients of gradients) the norms run ``ttt.norm2.rms_norm2``: each
-# pass (forward, backward, its backward) a few fused reductions, instead of autograd differentiating ``_rms_norm``
-# twice op by op; False = the eager ``_rms_norm`` there too
-SECOND_ORDER_NORM = True
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``_rms_norm``: compiled on CUDA; inside ``unfused()`` the twice-differentiable ``rms_norm2``."""
-    if _FUSED_OFF.get() and SECOND_ORDER_NORM:
-        from ttt.norm2 import rms_norm2
+    if _FUSED_OFF.get() and SECOND_ORDER_OPS:
+        from ttt.ops2 import rms_norm2
 
         return rms_norm2(x, weight, eps)
     return _fused("rms_norm", _rms_norm, x)(x, weight, eps)
@@ -289,7 +294,11 @@ def _silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """silu(a) * b (one compiled kernel on CUDA when ``FUSED_BLOCK_OPS``)."""
+    """silu(a) * b (one compiled kernel on CUDA when ``FUSED_BLOCK_OPS``; inside ``unfused()`` ``ttt.ops2.silu_mul2``)."""
+    if _FUSED_OFF.get() and SECOND_ORDER_OPS:
+        from ttt.ops2 import silu_mul2
+
+        return silu_mul2(a, b)
     return _fused("silu_mul", _silu_mul, a)(a, b) if FUSED_BLOCK_OPS else _silu_mul(a, b)
 
 
