@@ -530,3 +530,35 @@ def test_second_order_norm_compiled_equals_float64_on_cuda() -> None:
         res.append([t.double() for t in (y, dx, dw, *second)])
     for a, b in zip(*res, strict=True):
         assert (a - b).norm() <= 1e-2 * b.norm(), float((a - b).norm() / b.norm())
+
+
+@pytest.mark.gpu
+def test_second_order_rope_and_swiglu_compiled_equal_float64_on_cuda() -> None:
+    """``ttt.ops2.rope2`` and ``silu_mul2`` compiled (CUDA, bf16): output, first gradients and the gradients of a
+    weighted sum of them, against autograd through the eager ops in float64, to bf16 rounding."""
+    import torch.nn.functional as F
+
+    from ttt.model import _rope, rope_table
+    from ttt.ops2 import rope2, silu_mul2
+
+    g = torch.Generator("cuda").manual_seed(0)
+    cos, sin = rope_table(8191, 1024, 80, 500000.0, torch.device("cuda"), torch.float32)
+    x, a, b = (torch.randn(1, 32, 1024, 80, device="cuda", generator=g) * 2 for _ in range(3))
+    cases = [
+        ((lambda x: rope2(x, cos, sin, True)), (lambda x: _rope(x, cos.double(), sin.double(), True)), [x]),
+        (silu_mul2, (lambda a, b: F.silu(a) * b), [a, b]),
+    ]
+    for fast, eager, xs in cases:
+        dy = torch.randn(xs[0].shape, device="cuda", generator=g)
+        cots = [torch.randn(t.shape, device="cuda", generator=g) for t in xs]
+        res = []
+        for fn, dt in ((fast, torch.bfloat16), (eager, torch.float64)):
+            ins = [t.to(dt).requires_grad_(True) for t in (*xs, dy)]
+            y = fn(*ins[:-1])
+            firsts = torch.autograd.grad(y, ins[:-1], ins[-1], create_graph=True)
+            total = sum((f * c.to(dt)).sum() for f, c in zip(firsts, cots, strict=True))
+            seconds = torch.autograd.grad(total, ins, allow_unused=True)
+            res.append([t.double() for t in (y, *firsts, *seconds) if t is not None])
+        assert len(res[0]) == len(res[1])
+        for p, q in zip(*res, strict=True):
+            assert (p - q).norm() <= 1e-2 * q.norm(), float((p - q).norm() / q.norm())
