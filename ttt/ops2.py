@@ -139,28 +139,34 @@ def rms_norm2(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 
 # ---- RoPE ----------------------------------------------------------------------------------------------------------
+def _rope_signed(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, sign: float
+) -> torch.Tensor:
+    from ttt.model import _rope
+
+    return _rope(x, cos, sin * sign, interleaved)
+
+
 class _Rope(torch.autograd.Function):
-    """x -> R x (``ttt.model._rope``); backward R^T dy = the same rotation with -sin, through this Function again."""
+    """x -> R x (``ttt.model._rope``; sign -1: R^T); backward: the other one, through this Function again."""
 
     @staticmethod
-    def forward(ctx, x, cos, sin, interleaved):  # noqa: ANN001, ANN205 - autograd.Function signature
-        from ttt.model import _rope
-
+    def forward(ctx, x, cos, sin, interleaved, sign):  # noqa: ANN001, ANN205 - autograd.Function signature
         ctx.save_for_backward(cos, sin)
-        ctx.interleaved = interleaved
-        return _kernel("_rope", _rope, x)(x, cos, sin, interleaved)
+        ctx.interleaved, ctx.sign = interleaved, sign
+        return _kernel("_rope", _rope_signed, x)(x, cos, sin, interleaved, sign)
 
     @staticmethod
     def backward(ctx, dy):  # noqa: ANN001, ANN205
         cos, sin = ctx.saved_tensors
-        return _Rope.apply(dy, cos, -sin, ctx.interleaved), None, None, None
+        return _Rope.apply(dy, cos, sin, ctx.interleaved, -ctx.sign), None, None, None, None
 
 
 def rope2(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """``ttt.model._rope(x, cos, sin, interleaved)`` (x (..., T, D), cos/sin (T, D/2), no gradient) with a backward
     of one kernel at every order."""
     assert not (cos.requires_grad or sin.requires_grad), "rope2 takes no gradient for its angle table"
-    return _Rope.apply(x, cos, sin, interleaved)
+    return _Rope.apply(x, cos, sin, interleaved, 1.0)
 
 
 # ---- SwiGLU's silu(a) * b ------------------------------------------------------------------------------------------
