@@ -90,6 +90,12 @@ def compiled(name: str, fn: Callable[..., Any], dynamic: bool = True) -> Callabl
     return _COMPILED[name]
 
 
+def compiled_on_cuda(name: str, fn: Callable[..., Any], like: torch.Tensor) -> Callable[..., Any]:
+    """``fn`` compiled (dynamic shapes) for CUDA tensors that are not float64, ``fn`` itself otherwise, whether or not
+    inside ``unfused()``: for the passes of ``ttt.xent`` and ``ttt.ops2``, which autograd never differentiates."""
+    return compiled(name, fn) if like.is_cuda and like.dtype != torch.float64 else fn
+
+
 def _fused(name: str, fn: Callable[..., torch.Tensor], x: torch.Tensor) -> Callable[..., torch.Tensor]:
     """``fn`` compiled (dynamic shapes) for CUDA fp16/bf16/fp32 inputs, else ``fn`` itself."""
     return compiled(name, fn) if fused_enabled(x) else fn

@@ -86,12 +86,10 @@ def _hvp(
 
 
 def _kernel(name: str, fn: Callable, like: torch.Tensor) -> Callable:
-    """fn compiled (dynamic shapes) for CUDA tensors that are not float64; fn itself otherwise."""
-    if like.is_cuda and like.dtype != torch.float64:
-        from ttt.model import compiled
+    """fn compiled for CUDA tensors that are not float64, fn itself otherwise (``ttt.model.compiled_on_cuda``)."""
+    from ttt.model import compiled_on_cuda
 
-        return compiled(f"ops2{name}", fn)
-    return fn
+    return compiled_on_cuda(f"ops2{name}", fn, like)
 
 
 class _NormGrad(torch.autograd.Function):

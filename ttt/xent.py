@@ -18,6 +18,8 @@ differentiated); on CPU the same functions run eagerly. Tests: ``tests/test_ttt_
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.autograd.function import once_differentiable
 
@@ -56,13 +58,11 @@ def _hvp(
     return zbar.to(z.dtype), gbar.to(g.dtype)
 
 
-def _kernel(name: str, fn, like: torch.Tensor):  # noqa: ANN001, ANN202 - returns fn or its compiled twin
-    """fn compiled (dynamic shapes) for CUDA tensors that are not float64; fn itself otherwise."""
-    if like.is_cuda and like.dtype != torch.float64:
-        from ttt.model import compiled
+def _kernel(name: str, fn: Callable, like: torch.Tensor) -> Callable:
+    """fn compiled for CUDA tensors that are not float64, fn itself otherwise (``ttt.model.compiled_on_cuda``)."""
+    from ttt.model import compiled_on_cuda
 
-        return compiled(f"xent{name}", fn)
-    return fn
+    return compiled_on_cuda(f"xent{name}", fn, like)
 
 
 class _XentGrad(torch.autograd.Function):
