@@ -83,9 +83,9 @@ def test_meta_loss_gradients_are_unchanged_with_the_second_order_ops(monkeypatch
             loss = m.meta_loss(x, checkpoint=checkpoint)
             res.append((loss, *torch.autograd.grad(loss, params)))
         assert {
-            "_forward",
-            "_backward",
-            "_hvp",
+            "_norm_forward",
+            "_norm_backward",
+            "_norm_hvp",
             "_rope",
             "_silu_mul",
             "_silu_mul_backward",

@@ -11,10 +11,10 @@ differentiated itself. ``ttt.model`` routes to them inside ``unfused()`` (``SECO
 
 RMSNorm. With x (rows of D), r = (mean(x^2) + eps)^(-1/2), xh = x r, weight w (D,):
 
-    y = w xh                                                  (forward: ``_forward``)
+    y = w xh                                                  (forward: ``_norm_forward``)
     g = w dy,  c = mean(g xh)
-    dx = r (g - xh c),  dw = sum over rows of dy xh           (backward, itself differentiable: ``_backward``)
-    given u, v (the cotangents of dx, dw):                    (its backward: ``_hvp``)
+    dx = r (g - xh c),  dw = sum over rows of dy xh           (backward, itself differentiable: ``_norm_backward``)
+    given u, v (the cotangents of dx, dw):                    (its backward: ``_norm_hvp``)
         a = sum(u g),  b = sum(u xh)                          (per row)
         t = r (u - b xh / D):  dy-bar = w t + v xh,  w-bar = sum over rows of dy t
         h = v dy - r (u c + b g / D)                          (the gradient with respect to xh, r held)
@@ -52,14 +52,14 @@ def _rows_sum(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1]).sum(0).to(like.dtype)
 
 
-def _forward(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _norm_forward(x: torch.Tensor, w: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(y in x's dtype, r (..., 1) in fp32)."""
     xf = _up(x)
     r = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return (xf * r * _up(w)).to(x.dtype), r
 
 
-def _backward(
+def _norm_backward(
     x: torch.Tensor, w: torch.Tensor, r: torch.Tensor, dy: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(dx in x's dtype, dw in w's dtype)."""
@@ -70,7 +70,7 @@ def _backward(
     return (r * (g - xh * c)).to(x.dtype), _rows_sum(dyf * xh, w)
 
 
-def _hvp(
+def _norm_hvp(
     x: torch.Tensor, w: torch.Tensor, r: torch.Tensor, dy: torch.Tensor, u: torch.Tensor, v: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x-bar, w-bar, dy-bar): the gradients of <dx, u> + <dw, v> (module docstring)."""
@@ -99,7 +99,7 @@ class _NormGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w, r, dy):  # noqa: ANN001, ANN205 - autograd.Function signature
         ctx.save_for_backward(x, w, r, dy)
-        return _kernel("_backward", _backward, x)(x, w, r, dy)
+        return _kernel("_norm_backward", _norm_backward, x)(x, w, r, dy)
 
     @staticmethod
     @once_differentiable
@@ -109,7 +109,7 @@ class _NormGrad(torch.autograd.Function):
             u = torch.zeros_like(x)
         if v is None:
             v = torch.zeros_like(w)
-        x_bar, w_bar, dy_bar = _kernel("_hvp", _hvp, x)(x, w, r, dy, u, v)
+        x_bar, w_bar, dy_bar = _kernel("_norm_hvp", _norm_hvp, x)(x, w, r, dy, u, v)
         return x_bar, w_bar, None, dy_bar
 
 
@@ -118,7 +118,7 @@ class _Norm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w, eps):  # noqa: ANN001, ANN205 - autograd.Function signature
-        y, r = _kernel("_forward", _forward, x)(x, w, eps)
+        y, r = _kernel("_norm_forward", _norm_forward, x)(x, w, eps)
         ctx.save_for_backward(x, w, r)
         return y
 
