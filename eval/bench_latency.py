@@ -350,23 +350,45 @@ def bench_memory(models: dict[str, TTTModel], T: int) -> dict[str, Any]:
             "ttt_swa_kv_bytes": kv_swa, "fa_over_ttt": kv_fa / (kv_swa + fast)}  # fmt: skip
 
 
+# meta_loss variants timed beside ``e2e`` in the same run, each with parts of the fast path switched off
+# (module, switch, value): ``e2e-math`` the session-11 path (--train-math), ``e2e-eager-ops`` session 13's measured path,
+# without ``ttt.ops2`` (--train-eager-ops)
+TRAIN_VARIANTS: dict[str, list[tuple[str, str, Any]]] = {
+    "e2e-math": [
+        ("inner", "META_BACKEND", "math"),
+        ("inner", "META_XENT", False),
+        ("model", "SECOND_ORDER_OPS", False),
+    ],
+    "e2e-eager-ops": [("model", "SECOND_ORDER_OPS", False)],
+}
+
+
+@contextlib.contextmanager
+def train_variant(kind: str) -> Iterator[None]:
+    """Within the block, the switches of ``TRAIN_VARIANTS[kind]`` (none for other kinds); restored afterwards."""
+    from ttt import inner
+    from ttt import model as tm
+
+    mods = {"inner": inner, "model": tm}
+    changes = TRAIN_VARIANTS.get(kind, [])
+    saved = [(mods[m], name, getattr(mods[m], name)) for m, name, _ in changes]
+    try:
+        for m, name, value in changes:
+            setattr(mods[m], name, value)
+        yield
+    finally:
+        for mod, name, value in saved:
+            setattr(mod, name, value)
+
+
 def _train_loss(m: TTTModel, kind: str, x: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
     """One training loss under bf16 autocast: ``e2e`` meta_loss (its TTT blocks' attention as ``META_BACKEND``
-    resolves: triton2 on the GPU; its CE ``ttt.xent``; its norms ``ttt.ops2``), ``e2e-math`` meta_loss with explicit
-    attention, autograd's generic CE and eager norms (the session-11 path, timed in the same run by --train-math),
-    ``fa`` next-token CE."""
+    resolves: triton2 on the GPU; its CE ``ttt.xent``; its norms, RoPE and SwiGLU gates ``ttt.ops2``), an ``e2e-*``
+    variant (``TRAIN_VARIANTS``), ``fa`` next-token CE."""
     with torch.autocast("cuda", dtype=torch.bfloat16), sdpa_context(kind == "fa"):
-        if kind in ("e2e", "e2e-math"):
-            from ttt import inner
-            from ttt import model as tm
-
-            saved = inner.META_BACKEND, inner.META_XENT, tm.SECOND_ORDER_OPS
-            if kind == "e2e-math":  # the session-11 path
-                inner.META_BACKEND, inner.META_XENT, tm.SECOND_ORDER_OPS = "math", False, False
-            try:
+        if kind.startswith("e2e"):
+            with train_variant(kind):
                 return m.meta_loss(x, checkpoint=args.checkpoint)
-            finally:
-                inner.META_BACKEND, inner.META_XENT, tm.SECOND_ORDER_OPS = saved
         return _fa_train_loss(m, x)
 
 
@@ -440,7 +462,8 @@ def _fa_train_loss(m: TTTModel, x: torch.Tensor) -> torch.Tensor:
 def bench_train(preset: str, T: int, B: int, args: argparse.Namespace) -> dict[str, Any]:
     """Seconds per 1K tokens of one training step (forward + backward): meta_loss vs FA next-token CE."""
     out: dict[str, Any] = {"T": T, "B": B}
-    for kind in ("e2e", "fa") + (("e2e-math",) if getattr(args, "train_math", False) else ()):
+    variants = [k for k, on in (("e2e-math", args.train_math), ("e2e-eager-ops", args.train_eager_ops)) if on]
+    for kind in ["e2e", "fa", *variants]:
         try:
             model = build(preset, kind.split("-")[0], args.vocab).float().train()
             tok = [torch.randint(0, args.vocab, (B, T + 1), device="cuda") for _ in range(2)]
@@ -456,8 +479,10 @@ def bench_train(preset: str, T: int, B: int, args: argparse.Namespace) -> dict[s
         out["e2e_over_fa"] = out["e2e"]["s_per_1k"] / out["fa"]["s_per_1k"]
     if all("s_per_1k" in out.get(k, {}).get("graph", {}) for k in ("e2e", "fa")):
         out["e2e_over_fa_graphed"] = out["e2e"]["graph"]["s_per_1k"] / out["fa"]["graph"]["s_per_1k"]
-    if all("s_per_1k" in out.get(k, {}) for k in ("e2e", "e2e-math")):
-        out["math_over_e2e"] = out["e2e-math"]["s_per_1k"] / out["e2e"]["s_per_1k"]
+    for kind, key in (("e2e-math", "math_over_e2e"), ("e2e-eager-ops", "eager_ops_over_e2e")):
+        for mode, sub in (("", lambda r: r), ("_graphed", lambda r: r.get("graph", {}))):
+            if all("s_per_1k" in sub(out.get(k, {})) for k in ("e2e", kind)):
+                out[key + mode] = sub(out[kind])["s_per_1k"] / sub(out["e2e"])["s_per_1k"]
     return out
 
 
@@ -819,6 +844,11 @@ def _parser() -> argparse.ArgumentParser:
         "--train-math",
         action="store_true",
         help="also time the session-11 meta_loss path (explicit attention, generic CE, eager norms) as e2e-math",
+    )
+    p.add_argument(
+        "--train-eager-ops",
+        action="store_true",
+        help="also time meta_loss without ttt.ops2 (eager second-order norms, RoPE, SwiGLU) as e2e-eager-ops",
     )
     p.add_argument(
         "--checkpoint", action="store_true", help="meta_loss with per-chunk activation checkpointing"

@@ -150,3 +150,22 @@ def test_latency_plot_draws_the_measured_series_and_the_papers(tmp_path) -> None
     assert set(plot_latency(res, tmp_path / "q.png", "1b")) == set(prefill_series(res))
     with pytest.raises(AssertionError, match="no prefill timings"):
         plot_latency({"prefill_batch1": []}, tmp_path / "r.png", "3b")
+
+
+def test_train_variants_switch_the_fast_path_off_and_restore_it() -> None:
+    """``--train-math`` / ``--train-eager-ops`` time meta_loss with parts of the fast path off: inside the variant the
+    switches say so (e2e-math: explicit attention, generic CE, eager second-order ops), and afterwards, even after an
+    error, every switch is back; other kinds change nothing."""
+    from eval.bench_latency import train_variant
+    from ttt import inner
+    from ttt import model as tm
+
+    before = (inner.META_BACKEND, inner.META_XENT, tm.SECOND_ORDER_OPS)
+    with train_variant("e2e-math"):
+        assert (inner.META_BACKEND, inner.META_XENT, tm.SECOND_ORDER_OPS) == ("math", False, False)
+    with pytest.raises(RuntimeError), train_variant("e2e-eager-ops"):
+        assert (inner.META_BACKEND, inner.META_XENT, tm.SECOND_ORDER_OPS) == (before[0], before[1], False)
+        raise RuntimeError("a failing step")
+    with train_variant("e2e"):
+        assert (inner.META_BACKEND, inner.META_XENT, tm.SECOND_ORDER_OPS) == before
+    assert (inner.META_BACKEND, inner.META_XENT, tm.SECOND_ORDER_OPS) == before
