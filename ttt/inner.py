@@ -457,7 +457,8 @@ def _meta_loss(model: TTTModel, tokens: torch.Tensor, checkpoint: bool, ilr_scal
     B, T = inputs.shape
     # the prefix, once. Its compiled elementwise kernels (CUDA) are first order, and first order is all the prefix
     # needs: the inner gradients (to the fast weights) never reach back into it, so only the outer backward runs
-    # through it. The suffix runs eager (``unfused``): compiled kernels have no double backward.
+    # through it. The suffix runs ``unfused``: the first-order compiled kernels have no double backward; its norms,
+    # RoPE and SwiGLU gates run ``ttt.ops2``'s twice-differentiable passes instead.
     h, _ = model.run_blocks(model.embed(inputs), range(cfg.n_prefix_layers), None, "auto")
     with unfused():
         return _meta_suffix(model, h, targets, checkpoint, ilr_scale)

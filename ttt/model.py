@@ -53,8 +53,15 @@ _COMPILED: dict[str, Callable[..., torch.Tensor]] = {}
 SECOND_ORDER_OPS = True
 
 
+def second_order_ops() -> bool:
+    """Whether the norms, RoPE and SwiGLU's gate run ``ttt.ops2``'s versions: inside ``unfused()``, when
+    ``SECOND_ORDER_OPS``."""
+    return _FUSED_OFF.get() and SECOND_ORDER_OPS
+
+
 class unfused:  # noqa: N801 - used like a function: ``with unfused(): ...``
-    """Eager elementwise ops inside this block (needed where gradients of gradients are taken)."""
+    """No first-order compiled kernels inside this block (needed where gradients of gradients are taken): the
+    elementwise ops run eagerly, the norms, RoPE and SwiGLU's gate ``ttt.ops2``'s versions (``second_order_ops``)."""
 
     def __enter__(self) -> None:
         self._token = _FUSED_OFF.set(True)
@@ -110,7 +117,7 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 def rope_rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
     """Rotate x (..., T, D) by precomputed cos/sin (T, D/2) (fused on CUDA; inside ``unfused()`` ``ttt.ops2.rope2``);
     shared by prefill and decode."""
-    if _FUSED_OFF.get() and SECOND_ORDER_OPS:
+    if second_order_ops():
         from ttt.ops2 import rope2
 
         return rope2(x, cos, sin, interleaved)
@@ -143,7 +150,7 @@ class RMSNorm(nn.Module):
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``_rms_norm``: compiled on CUDA; inside ``unfused()`` the twice-differentiable ``rms_norm2``."""
-    if _FUSED_OFF.get() and SECOND_ORDER_OPS:
+    if second_order_ops():
         from ttt.ops2 import rms_norm2
 
         return rms_norm2(x, weight, eps)
@@ -301,7 +308,7 @@ def _silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def silu_mul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """silu(a) * b (one compiled kernel on CUDA when ``FUSED_BLOCK_OPS``; inside ``unfused()`` ``ttt.ops2.silu_mul2``)."""
-    if _FUSED_OFF.get() and SECOND_ORDER_OPS:
+    if second_order_ops():
         from ttt.ops2 import silu_mul2
 
         return silu_mul2(a, b)
