@@ -318,31 +318,27 @@ DQ_SWEEP = [(64, 64, 4, 3), (128, 64, 8, 3), (64, 128, 4, 3), (128, 32, 4, 3), (
 
 
 def triton_sweep(H: int, D: int, b: int, w: int, args: Any) -> dict[str, Any]:
-    """Each launch config of our forward (prefix; chunk) and dQ (window step) kernels, timed as the defaults are."""
+    """Each launch config of our forward (prefix; chunk) and dQ (window step) kernels, timed as the defaults are:
+    one ``ttt.triton_band`` config at a time, the others at their defaults."""
     from ttt import triton_band as tb
 
-    saved = (tb.FWD_CONFIG, tb.DQ_CONFIG, tb.CHUNK_FWD_CONFIG)
-    out: dict[str, Any] = {"prefix_fwd": {}, "chunk_fwd": {}, "window_step": {}}
-    try:
-        for cfg in FWD_SWEEP:
-            tb.FWD_CONFIG = cfg
-            out["prefix_fwd"][str(cfg)] = safe_call(time_kernel, _triton_attention, H, D, args.prefix, args.prefix, w,
-                                                False, args)  # fmt: skip
-            log.info("sweep fwd %s %s", cfg, out["prefix_fwd"][str(cfg)])
-        tb.FWD_CONFIG = saved[0]
-        for cfg in CHUNK_FWD_SWEEP:
-            tb.CHUNK_FWD_CONFIG = cfg
-            out["chunk_fwd"][str(cfg)] = safe_call(
-                time_kernel, _triton_attention, H, D, b, w - 1 + b, w, False, args
-            )
-            log.info("sweep chunk fwd %s %s", cfg, out["chunk_fwd"][str(cfg)])
-        tb.CHUNK_FWD_CONFIG = saved[2]
-        for cfg in DQ_SWEEP:
-            tb.DQ_CONFIG = cfg
-            out["window_step"][str(cfg)] = safe_call(time_window, H, D, b, w, "triton", args)
-            log.info("sweep dq %s %s", cfg, out["window_step"][str(cfg)])
-    finally:
-        tb.FWD_CONFIG, tb.DQ_CONFIG, tb.CHUNK_FWD_CONFIG = saved
+    sweeps = {  # record key -> (the config it sweeps, the configs, one timing)
+        "prefix_fwd": ("FWD_CONFIG", FWD_SWEEP,
+                       lambda: time_kernel(_triton_attention, H, D, args.prefix, args.prefix, w, False, args)),
+        "chunk_fwd": ("CHUNK_FWD_CONFIG", CHUNK_FWD_SWEEP,
+                      lambda: time_kernel(_triton_attention, H, D, b, w - 1 + b, w, False, args)),
+        "window_step": ("DQ_CONFIG", DQ_SWEEP, lambda: time_window(H, D, b, w, "triton", args)),
+    }  # fmt: skip
+    out: dict[str, Any] = {}
+    for key, (name, configs, timing) in sweeps.items():
+        saved, out[key] = getattr(tb, name), {}
+        try:
+            for cfg in configs:
+                setattr(tb, name, cfg)
+                out[key][str(cfg)] = safe_call(timing)
+                log.info("sweep %s %s %s", key, cfg, out[key][str(cfg)])
+        finally:
+            setattr(tb, name, saved)
     return out
 
 
