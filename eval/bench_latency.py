@@ -229,10 +229,17 @@ def _timed_prefill(kind: str, model: TTTModel, bufs: list[torch.Tensor], T: int,
             last.clear()
     rec["backends"] = dict(BACKEND_CALLS)
     rec["s_per_1k"] = rec["median_ms"] / 1000 / (B * T / 1000)
-    rec["tflops"] = prefill_flops_per_token(model.cfg, T) * B * T / (rec["median_ms"] / 1000) / 1e12
-    if args.peak_tflops:
-        rec["mfu"] = rec["tflops"] / args.peak_tflops
+    set_prefill_rate(rec, model.cfg, T, B, args.peak_tflops)
     return rec
+
+
+def set_prefill_rate(
+    rec: dict[str, Any], cfg: ModelConfig, T: int, B: int, peak_tflops: float | None
+) -> None:
+    """rec's ``tflops`` (``eval.flops`` model FLOPs over its ``median_ms``) and, given the run's matmul peak, ``mfu``."""
+    rec["tflops"] = prefill_flops_per_token(cfg, T) * B * T / (rec["median_ms"] / 1000) / 1e12
+    if peak_tflops:
+        rec["mfu"] = rec["tflops"] / peak_tflops
 
 
 def bench_prefill(
@@ -730,10 +737,9 @@ def rederive_flops(res: dict[str, Any]) -> None:
                 r = rec.get(kind)
                 if not isinstance(r, dict) or "median_ms" not in r:
                     continue
-                flops = prefill_flops_per_token(config_of(cfg["preset"], kind, cfg["vocab"]), rec["T"])
-                r["tflops"] = flops * rec.get("B", 1) * rec["T"] / (r["median_ms"] / 1000) / 1e12
-                if peak:
-                    r["mfu"] = r["tflops"] / peak
+                set_prefill_rate(
+                    r, config_of(cfg["preset"], kind, cfg["vocab"]), rec["T"], rec.get("B", 1), peak
+                )
     res["flops_formula"] = FORMULAS["prefill_flops_per_token"]
 
 
